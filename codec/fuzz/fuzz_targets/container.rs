@@ -1,0 +1,38 @@
+//! Feeds arbitrary bytes to every parser of untrusted containers: `Container::parse`,
+//! `decode`, `decode_into` and `slice_layers` must return errors, never panic, hang or
+//! allocate without bound. Run with `cargo fuzz run container` from `codec/`.
+
+#![no_main]
+
+use kvault_codec::{Container, Dtype, decode, decode_into, slice_layers};
+use libfuzzer_sys::fuzz_target;
+
+/// Largest tensor this target decodes: keeps libFuzzer's malloc limit meaningful, since a
+/// valid header may legitimately claim up to 16 GiB.
+const MAX_DECODE: usize = 64 << 20;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(c) = Container::parse(data) else {
+        // Still run the other entry points on invalid input: they must fail the same way.
+        assert!(decode(data).is_err());
+        assert!(slice_layers(data, 0..1).is_err());
+        return;
+    };
+    let header = c.header().clone();
+    let range = header.layer_range();
+    for i in 0..header.layer_count {
+        let _ = c.layer_payload(i);
+    }
+    if let Ok(part) = slice_layers(data, range.start..range.start + 1) {
+        assert!(Container::parse(&part).is_ok());
+    }
+    let _ = slice_layers(data, range.end..range.end.saturating_add(1));
+    let shape = header.shape();
+    if shape.byte_len(Dtype::F32).is_ok_and(|n| n <= MAX_DECODE)
+        && let Ok(t) = decode(data)
+    {
+        assert_eq!(t.shape(), shape);
+        let mut out = vec![0u8; shape.byte_len(Dtype::F32).unwrap_or(0)];
+        let _ = decode_into(data, Dtype::F32, &mut out);
+    }
+});

@@ -1,0 +1,280 @@
+//! `kvault-codec` turns KV-cache tensors into compact, self-describing, checksummed blobs
+//! and back. It holds the KV tensor model ([`KvShape`], [`Dtype`], [`KvView`], [`KvTensor`]
+//! in `tensor.rs`), the container format ([`Container`], [`slice_layers`] in
+//! `container.rs`, byte layout documented there) and the codec profiles (one module per
+//! profile under `profile/`, today only `lossless`).
+//!
+//! It is not a storage layer: no I/O, no async, no knowledge of keys, tenants or the wire
+//! protocol. Every function works on byte slices in memory, and every parser of untrusted
+//! bytes returns a [`CodecError`] rather than panicking, looping or allocating without
+//! bound (see [`tensor::LIMITS`]).
+//!
+//! Start reading at [`encode`] and [`decode_into`] below, then `container.rs` for the
+//! format and `profile/mod.rs` for how a profile plugs in.
+
+#![warn(missing_docs)]
+
+pub mod container;
+pub mod error;
+pub mod profile;
+mod shuffle;
+pub mod tensor;
+
+use rayon::prelude::*;
+
+pub use container::{Container, Header, slice_layers};
+pub use error::CodecError;
+pub use profile::Profile;
+pub use tensor::{Dtype, KvShape, KvTensor, KvView, convert};
+
+use container::VERSION;
+use profile::{Scratch, sized};
+
+/// Encodes a whole KV tensor with a profile into a container (layers encoded in parallel with rayon).
+///
+/// The container stores all of the tensor's layers: `total_layers = layer_count =
+/// shape.layers`, `layer_start = 0`.
+pub fn encode(view: KvView<'_>, profile: Profile) -> Result<Vec<u8>, CodecError> {
+    let shape = view.shape();
+    let dtype = view.dtype();
+    shape.checked_byte_len(dtype)?;
+    let params = profile.params(&view)?;
+    let layer_bytes = shape.layer_byte_len(dtype)?;
+    let layers: Vec<Vec<u8>> = view
+        .data()
+        .par_chunks(layer_bytes)
+        .map_init(Scratch::default, |scratch, layer| {
+            profile.encode_layer(layer, dtype, &params, scratch)
+        })
+        .collect::<Result<_, _>>()?;
+    let header = Header {
+        version: VERSION,
+        profile,
+        dtype,
+        total_layers: shape.layers,
+        layer_start: 0,
+        layer_count: shape.layers,
+        tokens: shape.tokens,
+        kv_heads: shape.kv_heads,
+        head_dim: shape.head_dim,
+        params,
+    };
+    Ok(container::write(&header, &layers))
+}
+
+/// Decodes a container into its source dtype (shape.layers = the container's layer_count).
+pub fn decode(blob: &[u8]) -> Result<KvTensor, CodecError> {
+    let c = Container::parse(blob)?;
+    let header = c.header();
+    // Parse bounded the size; zeroed memory comes from calloc, so a hostile header that
+    // claims a large tensor costs no touched memory before its payload fails to decode.
+    let mut tensor = KvTensor::zeros(header.shape(), header.dtype)?;
+    decode_layers(&c, header.dtype, tensor.data_mut())?;
+    Ok(tensor)
+}
+
+/// Decodes straight into a caller buffer in `out_dtype` (converting when it differs from the source dtype); `out.len()` must equal shape.byte_len(out_dtype).
+pub fn decode_into(blob: &[u8], out_dtype: Dtype, out: &mut [u8]) -> Result<(), CodecError> {
+    let c = Container::parse(blob)?;
+    let expected = c.header().shape().byte_len(out_dtype)?;
+    if out.len() != expected {
+        return Err(CodecError::BufferSize {
+            expected,
+            got: out.len(),
+        });
+    }
+    decode_layers(&c, out_dtype, out)
+}
+
+/// Decodes every layer of `c` into `out` (sized for `out_dtype`), one rayon task per layer.
+fn decode_layers(c: &Container<'_>, out_dtype: Dtype, out: &mut [u8]) -> Result<(), CodecError> {
+    let layer_bytes = c.header().shape().layer_byte_len(out_dtype)?;
+    out.par_chunks_mut(layer_bytes).enumerate().try_for_each_init(
+        DecodeScratch::default,
+        |scratch, (i, layer_out)| {
+            // `i < layer_count <= LIMITS.max_layers`, so it fits in u32.
+            decode_layer(c, i as u32, out_dtype, layer_out, scratch)
+        },
+    )
+}
+
+/// Per-thread buffers for decoding.
+#[derive(Default)]
+pub(crate) struct DecodeScratch {
+    profile: Scratch,
+    /// One layer in the source dtype, when the output dtype differs.
+    source: Vec<u8>,
+}
+
+/// Decodes layer `i` (relative) of `c` into `out`, exactly one layer in `out_dtype`.
+pub(crate) fn decode_layer(
+    c: &Container<'_>,
+    i: u32,
+    out_dtype: Dtype,
+    out: &mut [u8],
+    scratch: &mut DecodeScratch,
+) -> Result<(), CodecError> {
+    let h = c.header();
+    let payload = c.layer_payload(i);
+    if out_dtype == h.dtype {
+        return h
+            .profile
+            .decode_layer(payload, h.dtype, &h.params, out, &mut scratch.profile);
+    }
+    let source = sized(&mut scratch.source, h.shape().layer_byte_len(h.dtype)?);
+    h.profile
+        .decode_layer(payload, h.dtype, &h.params, source, &mut scratch.profile)?;
+    convert(source, h.dtype, out, out_dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tensor_strategy() -> impl Strategy<Value = KvTensor> {
+        (
+            1u32..5,
+            1u32..9,
+            1u32..4,
+            1u32..9,
+            prop::sample::select(Dtype::ALL),
+        )
+            .prop_flat_map(|(layers, tokens, kv_heads, head_dim, dtype)| {
+                let shape = KvShape {
+                    layers,
+                    tokens,
+                    kv_heads,
+                    head_dim,
+                };
+                let len = shape.byte_len(dtype).unwrap();
+                prop::collection::vec(any::<u8>(), len)
+                    .prop_map(move |data| KvTensor::new(shape, dtype, data).unwrap())
+            })
+    }
+
+    fn converted(t: &KvTensor, to: Dtype) -> Vec<u8> {
+        let mut out = vec![0u8; t.shape().byte_len(to).unwrap()];
+        convert(t.data(), t.dtype(), &mut out, to).unwrap();
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn lossless_round_trip_is_bit_exact(t in tensor_strategy()) {
+            let blob = encode(t.view(), Profile::Lossless)?;
+            let back = decode(&blob)?;
+            prop_assert_eq!(&back, &t);
+            for &to in Dtype::ALL {
+                let mut out = vec![0xAAu8; t.shape().byte_len(to)?];
+                decode_into(&blob, to, &mut out)?;
+                prop_assert_eq!(out, converted(&t, to), "decode_into {}", to);
+            }
+        }
+
+        #[test]
+        fn slices_decode_to_the_same_layers(
+            t in tensor_strategy(),
+            a in any::<prop::sample::Index>(),
+            b in any::<prop::sample::Index>(),
+            to in prop::sample::select(Dtype::ALL),
+        ) {
+            let layers = t.shape().layers as usize;
+            let (a, b) = (a.index(layers), b.index(layers));
+            let range = a.min(b) as u32..a.max(b) as u32 + 1;
+            let blob = encode(t.view(), Profile::Lossless)?;
+            let part = slice_layers(&blob, range.clone())?;
+            let c = Container::parse(&part)?;
+            prop_assert_eq!(c.header().layer_range(), range.clone());
+            let layer_bytes = t.shape().layer_byte_len(t.dtype())?;
+            let want = &t.data()[range.start as usize * layer_bytes..range.end as usize * layer_bytes];
+            let got = decode(&part)?;
+            prop_assert_eq!(got.shape().layers, range.len() as u32);
+            prop_assert_eq!(got.data(), want);
+            // A single layer, decoded alone, in another dtype.
+            let whole = converted(&t, to);
+            let out_layer = t.shape().layer_byte_len(to)?;
+            let mut one = vec![0u8; out_layer];
+            c.decode_layer_into(0, to, &mut one)?;
+            let first = range.start as usize * out_layer;
+            prop_assert_eq!(&one[..], &whole[first..first + out_layer]);
+        }
+    }
+
+    fn shape() -> KvShape {
+        KvShape {
+            layers: 3,
+            tokens: 16,
+            kv_heads: 2,
+            head_dim: 32,
+        }
+    }
+
+    #[test]
+    fn decode_into_checks_buffer_size() {
+        let t = KvTensor::zeros(shape(), Dtype::F16).unwrap();
+        let blob = encode(t.view(), Profile::Lossless).unwrap();
+        let expected = shape().byte_len(Dtype::F32).unwrap();
+        let mut out = vec![0u8; expected - 2];
+        assert_eq!(
+            decode_into(&blob, Dtype::F32, &mut out),
+            Err(CodecError::BufferSize {
+                expected,
+                got: expected - 2
+            })
+        );
+        let c = Container::parse(&blob).unwrap();
+        assert!(matches!(
+            c.decode_layer_into(0, Dtype::F16, &mut [0u8; 3]),
+            Err(CodecError::BufferSize { .. })
+        ));
+        assert!(matches!(
+            c.decode_layer_into(3, Dtype::F16, &mut [0u8; 3]),
+            Err(CodecError::LayerRange { .. })
+        ));
+    }
+
+    #[test]
+    fn lossless_compresses_smooth_f16() {
+        let s = shape();
+        let data: Vec<u8> = (0..s.elements())
+            .flat_map(|i| half::f16::from_f32((i as f32 * 0.01).sin()).to_le_bytes())
+            .collect();
+        let view = KvView::new(s, Dtype::F16, &data).unwrap();
+        let blob = encode(view, Profile::Lossless).unwrap();
+        assert!(
+            blob.len() < data.len() * 3 / 4,
+            "{} vs {}",
+            blob.len(),
+            data.len()
+        );
+        assert_eq!(decode(&blob).unwrap().data(), &data[..]);
+    }
+
+    #[test]
+    fn layer_payload_corruption_is_caught_by_the_decoder_too() {
+        // Damage inside a zstd frame with a fixed-up checksum must still be an error.
+        let t = KvTensor::new(
+            shape(),
+            Dtype::F16,
+            vec![7u8; shape().byte_len(Dtype::F16).unwrap()],
+        )
+        .unwrap();
+        let blob = encode(t.view(), Profile::Lossless).unwrap();
+        let c = Container::parse(&blob).unwrap();
+        let first = c.layer_payload(0).len();
+        // Cut the first layer's frame short by rewriting the table: layer 0 loses its last
+        // byte, layer 1 gains it.
+        let mut bad = blob.clone();
+        let table = 40;
+        bad[table + 8..table + 16].copy_from_slice(&(first as u64 - 1).to_le_bytes());
+        bad[table + 16..table + 24].copy_from_slice(&(first as u64 - 1).to_le_bytes());
+        let second = c.layer_payload(1).len() as u64 + 1;
+        bad[table + 24..table + 32].copy_from_slice(&second.to_le_bytes());
+        let n = bad.len() - 4;
+        let crc = crc32c::crc32c(&bad[..n]);
+        bad[n..].copy_from_slice(&crc.to_le_bytes());
+        assert!(Container::parse(&bad).is_ok());
+        assert!(matches!(decode(&bad), Err(CodecError::Corrupt(_))));
+    }
+}
