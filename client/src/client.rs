@@ -1,0 +1,415 @@
+//! The gRPC client: connect, lookup, put, get, exists, delete, stat.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use kvault_proto::pb::kv_vault_client::KvVaultClient;
+use kvault_proto::pb::{self, get_response, put_request};
+use kvault_proto::{ChunkKey, LayerSpan, Layout, MAX_MESSAGE_BYTES, PIECE_BYTES, TENANT_HEADER};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::error::{ClientError, Result};
+use crate::retry::RetryPolicy;
+
+pub use kvault_proto::pb::Tier;
+
+/// Largest chunk body the client accepts from a server (guards against a
+/// hostile or broken peer announcing absurd lengths).
+const MAX_CHUNK_BYTES: u64 = 1 << 30;
+
+/// How to reach and talk to a server.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `http://host:port` of the server.
+    pub endpoint: String,
+    /// Limit for establishing the connection.
+    pub connect_timeout: Duration,
+    /// Deadline of every call (sent to the server as `grpc-timeout`).
+    pub request_timeout: Duration,
+    /// Tenant to act for when the server runs without tokens.
+    pub tenant: Option<String>,
+    /// Bearer token, when the server requires one.
+    pub token: Option<String>,
+    /// Retries of transient failures.
+    pub retry: RetryPolicy,
+}
+
+impl ClientConfig {
+    /// Defaults for `endpoint`: 5 s to connect, 120 s per call, 4 attempts.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        ClientConfig {
+            endpoint: endpoint.into(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(120),
+            tenant: None,
+            token: None,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Adds the tenant or token to every call.
+#[derive(Clone)]
+pub struct Credentials {
+    tenant: Option<MetadataValue<tonic::metadata::Ascii>>,
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut req: Request<()>) -> std::result::Result<Request<()>, Status> {
+        if let Some(t) = &self.tenant {
+            req.metadata_mut().insert(TENANT_HEADER, t.clone());
+        }
+        if let Some(t) = &self.token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Rpc = KvVaultClient<InterceptedService<Channel, Credentials>>;
+
+/// Result of a longest-prefix lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    /// Leading keys that are all stored.
+    pub prefix_chunks: usize,
+    /// Tier of every key (`Tier::None` where absent).
+    pub tiers: Vec<Tier>,
+}
+
+/// One chunk fetched by [`Client::get_many`].
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// Tier that served it.
+    pub tier: Tier,
+    /// The container bytes.
+    pub blob: Bytes,
+}
+
+/// A connection to one kvault server. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    rpc: Rpc,
+    channel: Channel,
+    retry: RetryPolicy,
+}
+
+impl Client {
+    /// Connects with default settings.
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Client> {
+        Client::connect_with(ClientConfig::new(endpoint)).await
+    }
+
+    /// Connects with explicit settings; fails fast if the server is unreachable.
+    pub async fn connect_with(cfg: ClientConfig) -> Result<Client> {
+        let bad = |reason: String| ClientError::InvalidEndpoint {
+            endpoint: cfg.endpoint.clone(),
+            reason,
+        };
+        let ep = Endpoint::from_shared(cfg.endpoint.clone())
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(cfg.connect_timeout)
+            .timeout(cfg.request_timeout)
+            .tcp_nodelay(true)
+            // Chunk bodies are MiBs: small HTTP/2 windows would cap throughput.
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(64 << 20));
+        let ascii = |v: String, what: &str| {
+            v.parse::<MetadataValue<tonic::metadata::Ascii>>()
+                .map_err(|_| bad(format!("{what} is not valid ASCII metadata")))
+        };
+        let creds = Credentials {
+            tenant: cfg.tenant.clone().map(|t| ascii(t, "tenant")).transpose()?,
+            token: cfg
+                .token
+                .clone()
+                .map(|t| ascii(format!("Bearer {t}"), "token"))
+                .transpose()?,
+        };
+        let endpoint = cfg.endpoint.as_str();
+        let channel = cfg
+            .retry
+            .run(|| {
+                let ep = ep.clone();
+                async move {
+                    ep.connect()
+                        .await
+                        .map_err(|e| ClientError::Unavailable(format!("{endpoint}: {}", source_chain(&e))))
+                }
+            })
+            .await?;
+        let rpc = KvVaultClient::with_interceptor(channel.clone(), creds)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Client {
+            rpc,
+            channel,
+            retry: cfg.retry,
+        })
+    }
+
+    /// Whether the server reports itself serving (gRPC health).
+    pub async fn health(&self) -> Result<bool> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let mut h = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        let r = h
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "kvault.v1.KvVault".into(),
+            })
+            .await?;
+        Ok(r.into_inner().status == ServingStatus::Serving as i32)
+    }
+
+    /// Longest stored prefix of a key chain, and each key's tier.
+    pub async fn lookup(&self, layout: &Layout, keys: &[ChunkKey]) -> Result<Lookup> {
+        let req = pb::LookupRequest {
+            namespace: Some(layout.to_proto()),
+            keys: wire_keys(keys),
+        };
+        let r = self
+            .retry
+            .run(|| {
+                let (mut rpc, req) = (self.rpc.clone(), req.clone());
+                async move { Ok(rpc.lookup(req).await?.into_inner()) }
+            })
+            .await?;
+        if r.tiers.len() != keys.len() || r.prefix_chunks as usize > keys.len() {
+            return Err(ClientError::Protocol(format!(
+                "lookup of {} keys answered {} tiers, prefix {}",
+                keys.len(),
+                r.tiers.len(),
+                r.prefix_chunks
+            )));
+        }
+        Ok(Lookup {
+            prefix_chunks: r.prefix_chunks as usize,
+            tiers: r.tiers.iter().map(|t| tier(*t)).collect(),
+        })
+    }
+
+    /// Stores one chunk container. Returns false when the key was already stored.
+    pub async fn put(&self, layout: &Layout, key: &ChunkKey, blob: Bytes) -> Result<bool> {
+        let header = pb::PutHeader {
+            namespace: Some(layout.to_proto()),
+            key: Bytes::copy_from_slice(&key.0),
+            total_len: blob.len() as u64,
+        };
+        let r = self
+            .retry
+            .run(|| {
+                let mut rpc = self.rpc.clone();
+                let msgs = put_messages(header.clone(), blob.clone());
+                async move { Ok(rpc.put(tokio_stream::iter(msgs)).await?.into_inner()) }
+            })
+            .await?;
+        Ok(r.stored)
+    }
+
+    /// Fetches one chunk; `None` when it is not stored.
+    pub async fn get(&self, layout: &Layout, key: &ChunkKey) -> Result<Option<Bytes>> {
+        let mut v = self.get_many(layout, std::slice::from_ref(key), None).await?;
+        Ok(v.pop().flatten().map(|f| f.blob))
+    }
+
+    /// Fetches one layer range of chunks, each as a container holding only those layers.
+    pub async fn get_layers(
+        &self,
+        layout: &Layout,
+        keys: &[ChunkKey],
+        layers: std::ops::Range<u32>,
+    ) -> Result<Vec<Option<Bytes>>> {
+        let span = LayerSpan::new(layers.start, layers.end, layout.layers)?;
+        let v = self.get_many(layout, keys, Some(span)).await?;
+        Ok(v.into_iter().map(|f| f.map(|f| f.blob)).collect())
+    }
+
+    /// Fetches many chunks in one stream, in key order (`None` where absent).
+    pub async fn get_many(
+        &self,
+        layout: &Layout,
+        keys: &[ChunkKey],
+        layers: Option<LayerSpan>,
+    ) -> Result<Vec<Option<Fetched>>> {
+        let req = pb::GetRequest {
+            namespace: Some(layout.to_proto()),
+            keys: wire_keys(keys),
+            layers: layers.map(|s| pb::LayerRange {
+                start: s.start,
+                end: s.end,
+            }),
+        };
+        self.retry
+            .run(|| {
+                let (mut rpc, req) = (self.rpc.clone(), req.clone());
+                async move {
+                    let stream = rpc.get(req).await?.into_inner();
+                    read_chunks(stream, keys.len()).await
+                }
+            })
+            .await
+    }
+
+    /// Tier of each key (`Tier::None` where absent).
+    pub async fn exists(&self, layout: &Layout, keys: &[ChunkKey]) -> Result<Vec<Tier>> {
+        let req = pb::ExistsRequest {
+            namespace: Some(layout.to_proto()),
+            keys: wire_keys(keys),
+        };
+        let r = self
+            .retry
+            .run(|| {
+                let (mut rpc, req) = (self.rpc.clone(), req.clone());
+                async move { Ok(rpc.exists(req).await?.into_inner()) }
+            })
+            .await?;
+        if r.tiers.len() != keys.len() {
+            return Err(ClientError::Protocol(format!(
+                "exists of {} keys answered {}",
+                keys.len(),
+                r.tiers.len()
+            )));
+        }
+        Ok(r.tiers.iter().map(|t| tier(*t)).collect())
+    }
+
+    /// Deletes keys; returns how many were stored.
+    pub async fn delete(&self, layout: &Layout, keys: &[ChunkKey]) -> Result<u32> {
+        let req = pb::DeleteRequest {
+            namespace: Some(layout.to_proto()),
+            keys: wire_keys(keys),
+        };
+        let r = self
+            .retry
+            .run(|| {
+                let (mut rpc, req) = (self.rpc.clone(), req.clone());
+                async move { Ok(rpc.delete(req).await?.into_inner()) }
+            })
+            .await?;
+        Ok(r.deleted)
+    }
+
+    /// Server-wide counters per tier.
+    pub async fn stat(&self) -> Result<pb::StatResponse> {
+        self.retry
+            .run(|| {
+                let mut rpc = self.rpc.clone();
+                async move { Ok(rpc.stat(pb::StatRequest {}).await?.into_inner()) }
+            })
+            .await
+    }
+
+    /// The layout the server has bound `model_id` to.
+    pub async fn describe_model(&self, model_id: &str) -> Result<Layout> {
+        let req = pb::DescribeModelRequest {
+            model_id: model_id.to_string(),
+        };
+        let r = self
+            .retry
+            .run(|| {
+                let (mut rpc, req) = (self.rpc.clone(), req.clone());
+                async move { Ok(rpc.describe_model(req).await?.into_inner()) }
+            })
+            .await?;
+        Ok(Layout::from_wire(r.namespace)?)
+    }
+}
+
+fn wire_keys(keys: &[ChunkKey]) -> Vec<Bytes> {
+    keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect()
+}
+
+fn tier(v: i32) -> Tier {
+    Tier::try_from(v).unwrap_or(Tier::None)
+}
+
+/// Header then body pieces; the pieces are slices of `blob`, not copies.
+fn put_messages(header: pb::PutHeader, blob: Bytes) -> Vec<pb::PutRequest> {
+    let mut msgs = Vec::with_capacity(1 + blob.len().div_ceil(PIECE_BYTES));
+    msgs.push(pb::PutRequest {
+        msg: Some(put_request::Msg::Header(header)),
+    });
+    let mut off = 0;
+    while off < blob.len() {
+        let end = (off + PIECE_BYTES).min(blob.len());
+        msgs.push(pb::PutRequest {
+            msg: Some(put_request::Msg::Piece(blob.slice(off..end))),
+        });
+        off = end;
+    }
+    msgs
+}
+
+/// Reassembles a Get stream, checking that it keeps to the protocol.
+async fn read_chunks(
+    mut stream: tonic::Streaming<pb::GetResponse>,
+    n: usize,
+) -> Result<Vec<Option<Fetched>>> {
+    let mut out: Vec<Option<Fetched>> = Vec::with_capacity(n);
+    // (tier, expected length, body so far) of the chunk being received.
+    let mut current: Option<(Tier, usize, BytesMut)> = None;
+    let proto = |m: String| ClientError::Protocol(m);
+    while let Some(msg) = stream.message().await? {
+        match msg.msg {
+            Some(get_response::Msg::Header(h)) => {
+                if let Some((_, want, body)) = &current {
+                    return Err(proto(format!("chunk ended after {} of {want} bytes", body.len())));
+                }
+                if h.index as usize != out.len() || out.len() >= n {
+                    return Err(proto(format!(
+                        "chunk header {} out of order (expected {})",
+                        h.index,
+                        out.len()
+                    )));
+                }
+                if !h.found {
+                    out.push(None);
+                } else if h.total_len == 0 || h.total_len > MAX_CHUNK_BYTES {
+                    return Err(proto(format!("chunk length {} out of range", h.total_len)));
+                } else {
+                    let len = h.total_len as usize;
+                    current = Some((tier(h.tier), len, BytesMut::with_capacity(len)));
+                }
+            }
+            Some(get_response::Msg::Piece(p)) => {
+                let Some((t, want, mut body)) = current.take() else {
+                    return Err(proto("body piece without a chunk header".into()));
+                };
+                if body.len() + p.len() > want {
+                    return Err(proto(format!("chunk body exceeds its {want} bytes")));
+                }
+                body.extend_from_slice(&p);
+                if body.len() == want {
+                    out.push(Some(Fetched {
+                        tier: t,
+                        blob: body.freeze(),
+                    }));
+                } else {
+                    current = Some((t, want, body));
+                }
+            }
+            None => return Err(proto("empty get message".into())),
+        }
+    }
+    if current.is_some() || out.len() != n {
+        return Err(proto(format!(
+            "get stream ended after {} of {n} chunks",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,93 @@
+//! Subcommands of `kvault` and the flags they share.
+
+mod bench_get;
+mod demo;
+mod stat;
+mod transfer;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use kvault_client::{Client, ClientConfig};
+
+/// kvault: store and fetch LLM KV caches.
+#[derive(Debug, Parser)]
+#[command(name = "kvault", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Split a KV cache file (safetensors: `kv`, `ids`) into chunks, encode and store them.
+    Import(transfer::ImportArgs),
+    /// Fetch the longest cached prefix of the token ids in a file and write it as safetensors.
+    Export(transfer::ExportArgs),
+    /// Delete the chunks of a prefix (token ids from a file) or given keys.
+    Rm(transfer::RmArgs),
+    /// List codec profiles, one per line, name first.
+    Profiles,
+    /// Show per-tier bytes, chunk counts and hit rates of a server.
+    Stat(stat::StatArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// The main job on embedded defaults: start a server, import a KV cache, export it back, check, report.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Get throughput from the RAM tier over loopback, beside raw TCP and Redis.
+    Get(bench_get::BenchGetArgs),
+}
+
+/// How to reach the server.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Server URL.
+    #[arg(long, env = "KVAULT_SERVER", default_value = "http://127.0.0.1:7070")]
+    pub server: String,
+    /// Tenant to act for (servers without tokens).
+    #[arg(long, env = "KVAULT_TENANT")]
+    pub tenant: Option<String>,
+    /// Bearer token (servers with a tokens file).
+    #[arg(long, env = "KVAULT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Deadline of each call, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+impl ServerArgs {
+    /// Connects to the server.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let mut cfg = ClientConfig::new(self.server.clone());
+        cfg.tenant = self.tenant.clone();
+        cfg.token = self.token.clone();
+        cfg.request_timeout = Duration::from_secs(self.timeout);
+        Client::connect_with(cfg)
+            .await
+            .with_context(|| format!("connecting to {}", self.server))
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Import(a) => transfer::import(a).await,
+        Command::Export(a) => transfer::export(a).await,
+        Command::Rm(a) => transfer::rm(a).await,
+        Command::Profiles => {
+            for p in kvault_codec::Profile::ALL {
+                println!("{:<18} {}", p.name(), p.description());
+            }
+            Ok(())
+        }
+        Command::Stat(a) => stat::stat(a).await,
+        Command::Bench(BenchCommand::Get(a)) => bench_get::run(a).await,
+        Command::Demo(a) => demo::run(a).await,
+    }
+}

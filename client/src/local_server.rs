@@ -1,0 +1,169 @@
+//! A `kvault-server` child process on loopback, for the demo, benchmarks
+//! and end-to-end tests: started on a free port, found through the address
+//! it prints, stopped with SIGTERM (or killed).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Why a local server could not be started or stopped.
+#[derive(Debug, Error)]
+pub enum LocalServerError {
+    /// The `kvault-server` binary was not found.
+    #[error(
+        "kvault-server binary not found at {0} (build it with `cargo build --bins`, or set KVAULT_SERVER_BIN)"
+    )]
+    NoBinary(PathBuf),
+    /// Spawning or signalling failed.
+    #[error("kvault-server process: {0}")]
+    Io(#[from] std::io::Error),
+    /// The process exited or stayed silent instead of printing its address.
+    #[error("kvault-server did not start: {0}")]
+    NotStarted(String),
+}
+
+/// A running `kvault-server` process. Killed on drop if not stopped.
+pub struct LocalServer {
+    child: Option<Child>,
+    /// gRPC address.
+    pub addr: SocketAddr,
+    /// Metrics address, when started with `--metrics`.
+    pub metrics: Option<SocketAddr>,
+    /// Its `--data-dir`.
+    pub data_dir: PathBuf,
+}
+
+impl LocalServer {
+    /// Path of the `kvault-server` binary: `$KVAULT_SERVER_BIN`, else beside
+    /// the running executable (or its parent, for test executables in `deps/`).
+    pub fn binary() -> Result<PathBuf, LocalServerError> {
+        if let Some(p) = std::env::var_os("KVAULT_SERVER_BIN") {
+            return Ok(PathBuf::from(p));
+        }
+        let exe = std::env::current_exe()?;
+        let dir = exe.parent().unwrap_or(Path::new("."));
+        for d in [Some(dir), dir.parent()].into_iter().flatten() {
+            let p = d.join("kvault-server");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+        Err(LocalServerError::NoBinary(dir.join("kvault-server")))
+    }
+
+    /// Starts a server on a free loopback port with `data_dir` and extra flags
+    /// (e.g. `--ram-bytes 64MiB`), and waits until it listens.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Result<LocalServer, LocalServerError> {
+        let bin = Self::binary()?;
+        if !bin.is_file() {
+            return Err(LocalServerError::NoBinary(bin));
+        }
+        let mut child = Command::new(&bin)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            // Quiet by default: the caller's output is the point; RUST_LOG overrides.
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| LocalServerError::NotStarted("no stdout".into()))?;
+        let want_metrics = extra.contains(&"--metrics");
+        let (tx, rx) = mpsc::channel();
+        // Reads the address lines, then keeps draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut addr = None;
+        let mut metrics = None;
+        while addr.is_none() || (want_metrics && metrics.is_none()) {
+            let line = match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait().ok();
+                    return Err(LocalServerError::NotStarted(format!(
+                        "no address printed (exit status {status:?})"
+                    )));
+                }
+            };
+            if let Some(a) = line.strip_prefix("kvault-server listening on ") {
+                addr = a.trim().parse().ok();
+            } else if let Some(a) = line.strip_prefix("kvault-server metrics on http://") {
+                metrics = a.trim().trim_end_matches("/metrics").parse().ok();
+            }
+        }
+        let addr = addr.ok_or_else(|| LocalServerError::NotStarted("unparsable address".into()))?;
+        Ok(LocalServer {
+            child: Some(child),
+            addr,
+            metrics,
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    /// `http://ADDR` for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends SIGTERM and waits for a graceful exit; returns whether it exited cleanly.
+    pub fn stop(mut self) -> Result<bool, LocalServerError> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(true);
+        };
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        for _ in 0..200 {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.kill()?;
+        child.wait()?;
+        Ok(false)
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(mut self) -> Result<(), LocalServerError> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

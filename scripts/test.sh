@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: format and lint gates, then unit, property and
+# end-to-end tests (the latter start real kvault-server processes, so the
+# binaries are built first).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo build --workspace --bins --quiet
+cargo test --workspace --no-fail-fast

@@ -1,0 +1,94 @@
+//! Server configuration and its command-line form.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::Parser;
+
+/// A byte count written as `4GiB`, `512MiB`, `64KiB`, `1000000` (also GB/MB/KB as powers of ten).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a byte size like 4GiB"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "t" | "tib" => 1 << 40,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
+            u => return Err(format!("unknown unit {u:?} in {s:?} (use B, KiB, MiB, GiB, TiB)")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} overflows"))
+    }
+}
+
+/// `kvault-server`: stores LLM KV-cache chunks and serves them over gRPC.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kvault-server", version, about)]
+pub struct Config {
+    /// Address for the gRPC service (`kvault.v1.KvVault` and gRPC health). Port 0 picks a free port;
+    /// the bound address is printed on stdout as `kvault-server listening on ADDR`.
+    #[arg(long, default_value = "127.0.0.1:7070", env = "KVAULT_LISTEN")]
+    pub listen: SocketAddr,
+
+    /// Directory for persistent state (model layout registry; NVMe segments later). Created if missing.
+    #[arg(long, default_value = "./kvault-data", env = "KVAULT_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// Byte budget of the RAM tier (chunk bodies plus a small per-chunk overhead), e.g. 4GiB.
+    #[arg(long, default_value = "4GiB", env = "KVAULT_RAM_BYTES")]
+    pub ram_bytes: ByteSize,
+
+    /// RAM tier shards (0 = automatic: as many as leave room for four of the largest chunks per shard, at most 64).
+    #[arg(long, default_value_t = 0)]
+    pub ram_shards: usize,
+
+    /// Largest chunk body accepted by Put (a 256-token Llama-3-8B chunk in fp16 is 32 MiB).
+    #[arg(long, default_value = "128MiB")]
+    pub max_chunk_bytes: ByteSize,
+
+    /// Upper bound on Put bodies buffered at once across all clients; further puts wait.
+    #[arg(long, default_value = "1GiB")]
+    pub inflight_put_bytes: ByteSize,
+
+    /// Address for Prometheus metrics over HTTP (`GET /metrics`). Off when not given.
+    #[arg(long, env = "KVAULT_METRICS")]
+    pub metrics: Option<SocketAddr>,
+
+    /// File of `<token> <tenant>` lines. When given, every request needs `authorization: Bearer <token>`
+    /// and acts for that token's tenant; otherwise the tenant comes from `x-kvault-tenant` (default `default`).
+    #[arg(long)]
+    pub tokens_file: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!("4GiB".parse::<ByteSize>().unwrap().0, 4 << 30);
+        assert_eq!("512 MiB".parse::<ByteSize>().unwrap().0, 512 << 20);
+        assert_eq!("1000".parse::<ByteSize>().unwrap().0, 1000);
+        assert_eq!("2GB".parse::<ByteSize>().unwrap().0, 2_000_000_000);
+        assert!("12XB".parse::<ByteSize>().is_err());
+        assert!("GiB".parse::<ByteSize>().is_err());
+        assert!("99999999999999TiB".parse::<ByteSize>().is_err());
+    }
+}

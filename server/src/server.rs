@@ -1,0 +1,162 @@
+//! Wiring: binds the listeners, builds the store and services, serves until
+//! shutdown, then drains in-flight requests.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::get;
+use kvault_proto::MAX_MESSAGE_BYTES;
+use kvault_proto::pb::kv_vault_server::KvVaultServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::error::ServerError;
+use crate::metrics::Metrics;
+use crate::namespace::NamespaceRegistry;
+use crate::service::KvService;
+use crate::store::Store;
+use crate::tier::ram::RamTier;
+use crate::tier::{Tier, TierKind};
+
+/// A server with its listeners bound, ready to serve.
+pub struct Server {
+    grpc: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    auth: Arc<Auth>,
+    config: Config,
+}
+
+fn startup(what: &str, e: impl std::fmt::Display) -> ServerError {
+    ServerError::Storage(format!("{what}: {e}"))
+}
+
+impl Server {
+    /// Opens the data directory and binds the gRPC (and metrics) listeners.
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| startup(&format!("data dir {}", config.data_dir.display()), e))?;
+        let auth = match &config.tokens_file {
+            Some(p) => Auth::from_file(p)?,
+            None => Auth::Open,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let ram_bytes = config.ram_bytes.0;
+        let max_chunk = config.max_chunk_bytes.0;
+        let shards = match config.ram_shards {
+            0 => RamTier::shards_for(ram_bytes, max_chunk),
+            n => n,
+        };
+        let ram: Arc<dyn Tier> = Arc::new(RamTier::new(
+            ram_bytes,
+            shards,
+            metrics.tier_counters(TierKind::Ram),
+        ));
+        let namespaces = NamespaceRegistry::open(&config.data_dir)?;
+        let store = Arc::new(Store::new(vec![ram], namespaces, max_chunk));
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| startup(&format!("bind {}", config.listen), e))?;
+        let metrics_listener = match config.metrics {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| startup(&format!("bind metrics {a}"), e))?,
+            ),
+            None => None,
+        };
+        tracing::info!(ram_bytes, shards, max_chunk_bytes = max_chunk, "store ready");
+        Ok(Server {
+            grpc,
+            metrics_listener,
+            store,
+            metrics,
+            auth: Arc::new(auth),
+            config,
+        })
+    }
+
+    /// Address the gRPC service listens on.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.local_addr().ok()
+    }
+
+    /// Address of the metrics endpoint, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and drains
+    /// in-flight requests.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<KvVaultServer<KvService>>().await;
+
+        let metrics_task = self.metrics_listener.map(|listener| {
+            let store = self.store.clone();
+            let metrics = self.metrics.clone();
+            let app = Router::new().route(
+                "/metrics",
+                get(move || {
+                    let (store, metrics) = (store.clone(), metrics.clone());
+                    async move { metrics.render(&store.stats()) }
+                }),
+            );
+            let mut rx = stop_rx.clone();
+            tokio::spawn(async move {
+                let r = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "metrics endpoint failed");
+                }
+            })
+        });
+
+        let svc = KvService::new(
+            self.store.clone(),
+            self.auth.clone(),
+            self.metrics.clone(),
+            self.config.inflight_put_bytes.0,
+        );
+        let kv = KvVaultServer::new(svc)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+        let mut rx = stop_rx.clone();
+        let reporter = health_reporter.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight requests");
+            reporter.set_not_serving::<KvVaultServer<KvService>>().await;
+            let _ = stop_tx.send(true);
+        });
+        let incoming = tonic::transport::server::TcpIncoming::from(self.grpc).with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            // Large windows and frames: chunk bodies are MiBs and loopback is fast;
+            // the defaults (64 KiB windows, 16 KiB frames) cap throughput far below the link.
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(64 << 20))
+            .max_frame_size(Some((1 << 20) - 1))
+            .add_service(health_service)
+            .add_service(kv)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(|e| ServerError::Storage(format!("grpc server: {e}")))?;
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
