@@ -17,6 +17,7 @@
 pub mod container;
 pub mod error;
 pub mod profile;
+pub mod rans;
 mod shuffle;
 pub mod tensor;
 

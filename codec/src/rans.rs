@@ -1,0 +1,471 @@
+//! Static, interleaved rANS: the entropy coder of the `kv-*` profiles.
+//!
+//! One [`FreqTable`] (at most [`MAX_SYMBOLS`] symbols, frequencies summing to
+//! 2^[`PROB_BITS`]) codes many independent *streams*; each stream interleaves [`LANES`]
+//! rANS states over its symbols (symbol `i` goes to lane `i % LANES`), so a CPU core gets
+//! instruction-level parallelism from one stream and a GPU warp can take one stream per
+//! thread. Streams carry no symbol count: the caller knows it from the tensor geometry, so a
+//! hostile stream can never make the decoder loop or allocate.
+//!
+//! Parameters (fixed, so CPU and GPU decoders agree bit for bit): 32-bit states normalised
+//! to `[2^16, 2^32)`, 16-bit little-endian renormalisation words, 12-bit probabilities.
+//! With 12-bit probabilities a 4096-entry slot table per frequency table decodes a symbol
+//! with one lookup, one multiply and one add; tables are shared by whole `(layer, K/V)`
+//! parts, so there are few of them and each is cheap to ship (`1 + 2n` bytes).
+//!
+//! Stream layout: `LANES` initial states (each as two words, low then high), then the
+//! renormalisation words in the order the decoder consumes them. The encoder runs backwards
+//! (rANS is last-in first-out) and reverses its output. A correct stream leaves every lane
+//! in state `2^16` with every word consumed; the decoder checks both, which catches most
+//! damage even without the container checksum.
+
+use crate::error::CodecError;
+
+/// Bits of probability precision: frequencies sum to `1 << PROB_BITS`.
+pub const PROB_BITS: u32 = 12;
+/// Sum of the frequencies of every table.
+pub const PROB_SCALE: u32 = 1 << PROB_BITS;
+/// Largest alphabet a table may have.
+pub const MAX_SYMBOLS: usize = 64;
+/// Interleaved states per stream.
+pub const LANES: usize = 4;
+/// Lower bound of the normalised state interval (and the encoder's initial state).
+const RANS_L: u32 = 1 << 16;
+
+/// A static frequency table: `freq[s]` of `1 << PROB_BITS` for each symbol `s < len()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FreqTable {
+    freq: Vec<u16>,
+    /// `cum[s]` = sum of `freq[..s]`; one entry longer than `freq`.
+    cum: Vec<u32>,
+}
+
+impl FreqTable {
+    /// Builds a table from symbol counts (`counts.len()` symbols, at most [`MAX_SYMBOLS`]).
+    ///
+    /// Every symbol with a non-zero count gets a frequency of at least 1, so anything that
+    /// was counted can be coded; symbols never seen get 0. With no counts at all, symbol 0
+    /// takes all the probability.
+    pub fn from_counts(counts: &[u64]) -> Result<FreqTable, CodecError> {
+        let n = counts.len();
+        if n == 0 || n > MAX_SYMBOLS {
+            return Err(CodecError::Corrupt(format!(
+                "frequency table with {n} symbols (1..={MAX_SYMBOLS} allowed)"
+            )));
+        }
+        let total: u64 = counts.iter().sum();
+        let mut freq = vec![0u32; n];
+        if total == 0 {
+            freq[0] = PROB_SCALE;
+        } else {
+            for (f, &c) in freq.iter_mut().zip(counts) {
+                if c > 0 {
+                    // u128: counts may be up to the tensor size, times 4096.
+                    let scaled =
+                        (u128::from(c) * u128::from(PROB_SCALE) + u128::from(total) / 2) / u128::from(total);
+                    *f = (scaled as u32).max(1);
+                }
+            }
+            // Rounding leaves the sum off by at most one per symbol: give or take the
+            // difference from the most frequent symbols, which can afford it best.
+            let mut sum: u32 = freq.iter().sum();
+            while sum != PROB_SCALE {
+                let (i, _) = freq
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|&(_, &f)| f)
+                    .ok_or_else(|| CodecError::Corrupt("empty frequency table".into()))?;
+                if sum > PROB_SCALE {
+                    if freq[i] <= 1 {
+                        // Only possible with more present symbols than probability slots,
+                        // which MAX_SYMBOLS < PROB_SCALE rules out.
+                        return Err(CodecError::Corrupt("cannot normalise frequency table".into()));
+                    }
+                    freq[i] -= 1;
+                    sum -= 1;
+                } else {
+                    freq[i] += 1;
+                    sum += 1;
+                }
+            }
+        }
+        FreqTable::from_freqs(freq.into_iter().map(|f| f as u16).collect())
+    }
+
+    /// Builds a table from frequencies, checking that they sum to `1 << PROB_BITS`.
+    pub fn from_freqs(freq: Vec<u16>) -> Result<FreqTable, CodecError> {
+        if freq.is_empty() || freq.len() > MAX_SYMBOLS {
+            return Err(CodecError::Corrupt(format!(
+                "frequency table with {} symbols (1..={MAX_SYMBOLS} allowed)",
+                freq.len()
+            )));
+        }
+        let mut cum = Vec::with_capacity(freq.len() + 1);
+        let mut acc = 0u32;
+        cum.push(0);
+        for &f in &freq {
+            acc += u32::from(f);
+            cum.push(acc);
+        }
+        if acc != PROB_SCALE {
+            return Err(CodecError::Corrupt(format!(
+                "frequency table sums to {acc}, expected {PROB_SCALE}"
+            )));
+        }
+        Ok(FreqTable { freq, cum })
+    }
+
+    /// Number of symbols.
+    pub fn len(&self) -> usize {
+        self.freq.len()
+    }
+
+    /// Always false: a table has at least one symbol.
+    pub fn is_empty(&self) -> bool {
+        self.freq.is_empty()
+    }
+
+    /// Frequency of `s` (0 if out of range).
+    pub fn freq(&self, s: usize) -> u32 {
+        self.freq.get(s).map_or(0, |&f| u32::from(f))
+    }
+
+    /// Serialised form: `n` (u8), then `n` little-endian u16 frequencies.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.push(self.freq.len() as u8);
+        for f in &self.freq {
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+    }
+
+    /// Parses the form written by [`FreqTable::write`], returning the table and the bytes
+    /// consumed.
+    pub fn read(bytes: &[u8]) -> Result<(FreqTable, usize), CodecError> {
+        let short = || CodecError::Corrupt("frequency table truncated".into());
+        let n = usize::from(*bytes.first().ok_or_else(short)?);
+        let body = bytes.get(1..1 + 2 * n).ok_or_else(short)?;
+        let freq = body
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        Ok((FreqTable::from_freqs(freq)?, 1 + 2 * n))
+    }
+
+    /// Estimated bits to code `counts` with this table (for choosing among tables).
+    pub fn cost_bits(&self, counts: &[u64]) -> f64 {
+        counts
+            .iter()
+            .enumerate()
+            .filter(|&(_, &c)| c > 0)
+            .map(|(s, &c)| {
+                let f = self.freq(s).max(1) as f64 / f64::from(PROB_SCALE);
+                -(c as f64) * f.log2()
+            })
+            .sum()
+    }
+}
+
+/// Encodes `symbols` as one interleaved stream with `table`, appending the bytes to `out`.
+///
+/// Every symbol must have a non-zero frequency in `table`.
+pub fn encode(
+    symbols: &[u8],
+    table: &FreqTable,
+    words: &mut Vec<u16>,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    words.clear();
+    let mut states = [RANS_L; LANES];
+    // Hot path (encode): one division per symbol; lanes alternate, so consecutive
+    // iterations are independent and overlap in the pipeline.
+    for (i, &s) in symbols.iter().enumerate().rev() {
+        let s = usize::from(s);
+        let freq = table.freq(s);
+        if freq == 0 {
+            return Err(CodecError::Compression(format!(
+                "symbol {s} has no frequency in its table"
+            )));
+        }
+        let cum = table.cum[s];
+        let lane = i % LANES;
+        let mut x = states[lane];
+        // x_max = ((RANS_L >> PROB_BITS) << 16) * freq; as u64 since freq may be 4096.
+        let x_max = u64::from(freq) << (32 - PROB_BITS);
+        if u64::from(x) >= x_max {
+            words.push(x as u16);
+            x >>= 16;
+        }
+        x = ((x / freq) << PROB_BITS) + (x % freq) + cum;
+        states[lane] = x;
+    }
+    for &x in states.iter().rev() {
+        words.push((x >> 16) as u16);
+        words.push(x as u16);
+    }
+    out.reserve(words.len() * 2);
+    for w in words.iter().rev() {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// A frequency table prepared for decoding: one packed entry per probability slot.
+#[derive(Clone)]
+pub struct DecodeTable {
+    /// Per slot: `freq | (slot - cum) << 13 | symbol << 25`.
+    slots: Box<[u32; PROB_SCALE as usize]>,
+}
+
+impl DecodeTable {
+    /// Prepares `table` for decoding.
+    pub fn new(table: &FreqTable) -> DecodeTable {
+        let mut slots = Box::new([0u32; PROB_SCALE as usize]);
+        for s in 0..table.len() {
+            let (lo, hi) = (table.cum[s], table.cum[s + 1]);
+            let freq = hi - lo;
+            for slot in lo..hi {
+                // freq <= 4096 (13 bits), slot - lo < 4096 (12 bits), s < 64 (6 bits).
+                slots[slot as usize] = freq | ((slot - lo) << 13) | ((s as u32) << 25);
+            }
+        }
+        DecodeTable { slots }
+    }
+
+    /// Rebuilds this table in place for `table` (no allocation).
+    pub fn rebuild(&mut self, table: &FreqTable) {
+        for s in 0..table.len() {
+            let (lo, hi) = (table.cum[s], table.cum[s + 1]);
+            let freq = hi - lo;
+            for slot in lo..hi {
+                self.slots[slot as usize] = freq | ((slot - lo) << 13) | ((s as u32) << 25);
+            }
+        }
+    }
+}
+
+impl Default for DecodeTable {
+    fn default() -> Self {
+        DecodeTable::new(&FreqTable {
+            freq: vec![PROB_SCALE as u16],
+            cum: vec![0, PROB_SCALE],
+        })
+    }
+}
+
+/// Decodes exactly `out.len()` symbols from `stream` (which must be the whole stream).
+///
+/// Fails, without reading out of bounds, if the stream is too short, too long or does not
+/// end in the encoder's initial state.
+pub fn decode(stream: &[u8], table: &DecodeTable, out: &mut [u8]) -> Result<(), CodecError> {
+    if !stream.len().is_multiple_of(2) || stream.len() < 4 * LANES {
+        return Err(CodecError::Corrupt(format!(
+            "rANS stream of {} bytes",
+            stream.len()
+        )));
+    }
+    let words = stream.len() / 2;
+    let word = |p: usize| -> u32 {
+        match stream.get(2 * p..2 * p + 2) {
+            Some(b) => u32::from(u16::from_le_bytes([b[0], b[1]])),
+            None => 0,
+        }
+    };
+    let mut states = [0u32; LANES];
+    for (lane, x) in states.iter_mut().enumerate() {
+        *x = word(2 * lane) | (word(2 * lane + 1) << 16);
+        if *x < RANS_L {
+            return Err(CodecError::Corrupt(
+                "rANS initial state below the normalised interval".into(),
+            ));
+        }
+    }
+    let mut pos = 2 * LANES;
+    let slots = &table.slots;
+    let mask = PROB_SCALE - 1;
+    // Hot path (decode): per symbol one table lookup, one multiply-add and a branch-free
+    // refill. Reads past the end yield 0 and advance `pos`, which the final check catches.
+    let step = |x: &mut u32, pos: &mut usize| -> u8 {
+        let e = slots[(*x & mask) as usize];
+        *x = (e & 0x1FFF) * (*x >> PROB_BITS) + ((e >> 13) & 0xFFF);
+        if *x < RANS_L {
+            *x = (*x << 16) | word(*pos);
+            *pos += 1;
+        }
+        (e >> 25) as u8
+    };
+    let mut chunks = out.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (o, x) in c.iter_mut().zip(states.iter_mut()) {
+            *o = step(x, &mut pos);
+        }
+    }
+    for (o, x) in chunks.into_remainder().iter_mut().zip(states.iter_mut()) {
+        *o = step(x, &mut pos);
+    }
+    if pos != words {
+        return Err(CodecError::Corrupt(format!(
+            "rANS stream has {words} words, decoding used {pos}"
+        )));
+    }
+    if states.iter().any(|&x| x != RANS_L) {
+        return Err(CodecError::Corrupt(
+            "rANS stream does not end in its initial state".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(symbols: &[u8], table: &FreqTable) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        encode(symbols, table, &mut Vec::new(), &mut bytes).unwrap();
+        let mut back = vec![0xFFu8; symbols.len()];
+        decode(&bytes, &DecodeTable::new(table), &mut back).unwrap();
+        back
+    }
+
+    fn counts_of(symbols: &[u8], n: usize) -> Vec<u64> {
+        let mut c = vec![0u64; n];
+        for &s in symbols {
+            c[usize::from(s)] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn skewed_source_codes_near_its_entropy() {
+        // A geometric-ish source over 16 symbols, deterministic.
+        let mut seed = 0x1234_5678u32;
+        let symbols: Vec<u8> = (0..100_000)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                (seed.trailing_zeros().min(15)) as u8
+            })
+            .collect();
+        let counts = counts_of(&symbols, 16);
+        let table = FreqTable::from_counts(&counts).unwrap();
+        let mut bytes = Vec::new();
+        encode(&symbols, &table, &mut Vec::new(), &mut bytes).unwrap();
+        let n = symbols.len() as f64;
+        let entropy: f64 = counts
+            .iter()
+            .filter(|&&c| c > 0)
+            .map(|&c| -(c as f64) * (c as f64 / n).log2())
+            .sum();
+        let bits = bytes.len() as f64 * 8.0;
+        assert!(bits < entropy * 1.01 + 256.0, "{bits} bits vs entropy {entropy}");
+        assert_eq!(round_trip(&symbols, &table), symbols);
+    }
+
+    #[test]
+    fn tables_serialise_and_refuse_bad_sums() {
+        let t = FreqTable::from_counts(&[5, 0, 3, 1]).unwrap();
+        assert_eq!(t.freq(1), 0);
+        let mut b = Vec::new();
+        t.write(&mut b);
+        assert_eq!(FreqTable::read(&b).unwrap(), (t, b.len()));
+        assert!(FreqTable::read(&b[..b.len() - 1]).is_err());
+        assert!(FreqTable::from_freqs(vec![1, 2, 3]).is_err());
+        assert!(FreqTable::from_freqs(vec![]).is_err());
+        assert!(FreqTable::from_counts(&[1; MAX_SYMBOLS + 1]).is_err());
+        assert_eq!(FreqTable::from_counts(&[0, 0]).unwrap().freq(0), PROB_SCALE);
+        let mut zero_n = b.clone();
+        zero_n[0] = 0;
+        assert!(FreqTable::read(&zero_n).is_err());
+    }
+
+    #[test]
+    fn unencodable_symbol_is_an_error() {
+        let t = FreqTable::from_counts(&[1, 0]).unwrap();
+        assert!(encode(&[1], &t, &mut Vec::new(), &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn empty_and_short_inputs() {
+        let t = FreqTable::from_counts(&[1, 1]).unwrap();
+        assert_eq!(round_trip(&[], &t), Vec::<u8>::new());
+        assert_eq!(round_trip(&[1], &t), vec![1]);
+        let d = DecodeTable::new(&t);
+        assert!(decode(&[], &d, &mut []).is_err());
+        assert!(decode(&[0; 15], &d, &mut []).is_err());
+    }
+
+    fn table_and_symbols() -> impl Strategy<Value = (FreqTable, Vec<u8>)> {
+        prop::collection::vec(0u64..1000, 1..=MAX_SYMBOLS)
+            .prop_filter("some count", |c| c.iter().any(|&x| x > 0))
+            .prop_flat_map(|counts| {
+                let table = FreqTable::from_counts(&counts).unwrap();
+                let present: Vec<u8> = (0..counts.len())
+                    .filter(|&s| counts[s] > 0)
+                    .map(|s| s as u8)
+                    .collect();
+                (
+                    Just(table),
+                    prop::collection::vec(prop::sample::select(present), 0..3000),
+                )
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips((table, symbols) in table_and_symbols()) {
+            prop_assert_eq!(round_trip(&symbols, &table), symbols);
+        }
+
+        #[test]
+        fn counts_always_normalise(counts in prop::collection::vec(0u64..u64::MAX / 8192, 1..=MAX_SYMBOLS)) {
+            let t = FreqTable::from_counts(&counts)?;
+            for (s, &c) in counts.iter().enumerate() {
+                prop_assert_eq!(c > 0, t.freq(s) > 0);
+            }
+        }
+
+        #[test]
+        fn damaged_streams_fail_or_decode_without_panic(
+            (table, symbols) in table_and_symbols(),
+            at in any::<prop::sample::Index>(),
+            xor in 1u8..=255,
+            cut in any::<prop::sample::Index>(),
+            extra in 0usize..8,
+        ) {
+            let mut bytes = Vec::new();
+            encode(&symbols, &table, &mut Vec::new(), &mut bytes)?;
+            let d = DecodeTable::new(&table);
+            let mut out = vec![0u8; symbols.len()];
+            let mut bad = bytes.clone();
+            let i = at.index(bad.len());
+            bad[i] ^= xor;
+            // A flipped bit must be detected in the state or the word count, or (rarely)
+            // decode to different symbols; it must never panic.
+            if decode(&bad, &d, &mut out).is_ok() {
+                prop_assert!(out != symbols || bad == bytes);
+            }
+            let short = &bytes[..cut.index(bytes.len())];
+            prop_assert!(decode(short, &d, &mut out).is_err());
+            // Asking for more symbols than were coded runs out of words, unless one symbol
+            // has all the probability (it costs nothing, so any count decodes).
+            let mut longer = vec![0u8; symbols.len() + 1 + extra];
+            if (0..table.len()).all(|s| table.freq(s) < PROB_SCALE) {
+                prop_assert!(decode(&bytes, &d, &mut longer).is_err());
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            bytes in prop::collection::vec(any::<u8>(), 0..600),
+            n in 0usize..2000,
+            counts in prop::collection::vec(0u64..50, 1..=MAX_SYMBOLS),
+        ) {
+            let t = FreqTable::from_counts(&counts)?;
+            let mut out = vec![0u8; n];
+            let _ = decode(&bytes, &DecodeTable::new(&t), &mut out);
+            let _ = FreqTable::read(&bytes);
+        }
+    }
+}
