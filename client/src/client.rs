@@ -117,7 +117,10 @@ impl Client {
             .tcp_nodelay(true)
             // Chunk bodies are MiBs: small HTTP/2 windows would cap throughput.
             .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(64 << 20));
+            .initial_connection_window_size(Some(64 << 20))
+            // The receiver's frame size bounds the server's DATA frames: 16 KiB by
+            // default, which means 64 frames per body piece.
+            .max_frame_size(Some((1 << 20) - 1));
         let ascii = |v: String, what: &str| {
             v.parse::<MetadataValue<tonic::metadata::Ascii>>()
                 .map_err(|_| bad(format!("{what} is not valid ASCII metadata")))
