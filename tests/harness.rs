@@ -120,3 +120,24 @@ pub fn write_kv_file(dir: &Path, name: &str, kv: &KvTensor, ids: &[u32]) -> Path
     kvault_client::kv_file::write(&p, kv, ids).expect("write kv file");
     p
 }
+
+/// Path of SmolLM2-135M-Instruct's GGUF: `$KVAULT_MODEL` when set, else
+/// whatever `scripts/fetch-model.sh` prints (it downloads and checks the file
+/// once, then answers from its cache).
+pub fn model_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVAULT_MODEL") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("bash")
+        .arg(root.join("scripts/fetch-model.sh"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run scripts/fetch-model.sh");
+    assert!(
+        out.status.success(),
+        "scripts/fetch-model.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}

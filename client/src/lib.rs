@@ -34,6 +34,8 @@ pub mod client;
 pub mod error;
 pub mod kv_file;
 pub mod local_server;
+#[cfg(feature = "model")]
+pub mod model;
 pub mod prefix;
 pub mod retry;
 
