@@ -284,7 +284,7 @@ impl<'a> Container<'a> {
                 got: out.len(),
             });
         }
-        crate::decode_layer(self, i, out_dtype, out, &mut crate::DecodeScratch::default())
+        crate::decode_layer(self, i, out_dtype, out, &mut crate::profile::Scratch::default())
     }
 }
 

@@ -84,6 +84,15 @@ pub enum CodecError {
         /// Length given.
         got: usize,
     },
+    /// A lossy profile was given a NaN or infinite element (or one too large for its
+    /// quantizer); encode it with `lossless` instead.
+    #[error("{profile} cannot encode {what}")]
+    Unencodable {
+        /// The profile's name.
+        profile: &'static str,
+        /// What was wrong with the input.
+        what: &'static str,
+    },
     /// The compressor failed while encoding (not a property of the input data).
     #[error("compression failed: {0}")]
     Compression(String),

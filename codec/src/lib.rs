@@ -29,7 +29,7 @@ pub use profile::Profile;
 pub use tensor::{Dtype, KvShape, KvTensor, KvView, convert};
 
 use container::VERSION;
-use profile::{Scratch, sized};
+use profile::{LayerGeom, Scratch};
 
 /// Encodes a whole KV tensor with a profile into a container (layers encoded in parallel with rayon).
 ///
@@ -44,8 +44,11 @@ pub fn encode(view: KvView<'_>, profile: Profile) -> Result<Vec<u8>, CodecError>
     let layers: Vec<Vec<u8>> = view
         .data()
         .par_chunks(layer_bytes)
-        .map_init(Scratch::default, |scratch, layer| {
-            profile.encode_layer(layer, dtype, &params, scratch)
+        .enumerate()
+        .map_init(Scratch::default, |scratch, (i, layer)| {
+            // `i < shape.layers <= LIMITS.max_layers`, so it fits in u32.
+            let geom = geom(&shape, i as u32, shape.layers);
+            profile.encode_layer(layer, dtype, &params, geom, scratch)
         })
         .collect::<Result<_, _>>()?;
     let header = Header {
@@ -61,6 +64,16 @@ pub fn encode(view: KvView<'_>, profile: Profile) -> Result<Vec<u8>, CodecError>
         params,
     };
     Ok(container::write(&header, &layers))
+}
+
+/// The geometry of absolute layer `index` of a tensor of `shape`.
+fn geom(shape: &KvShape, index: u32, total_layers: u32) -> LayerGeom {
+    LayerGeom {
+        index,
+        total_layers,
+        tokens: shape.tokens as usize,
+        channels: shape.kv_heads as usize * shape.head_dim as usize,
+    }
 }
 
 /// Decodes a container into its source dtype (shape.layers = the container's layer_count).
@@ -91,20 +104,12 @@ pub fn decode_into(blob: &[u8], out_dtype: Dtype, out: &mut [u8]) -> Result<(), 
 fn decode_layers(c: &Container<'_>, out_dtype: Dtype, out: &mut [u8]) -> Result<(), CodecError> {
     let layer_bytes = c.header().shape().layer_byte_len(out_dtype)?;
     out.par_chunks_mut(layer_bytes).enumerate().try_for_each_init(
-        DecodeScratch::default,
+        Scratch::default,
         |scratch, (i, layer_out)| {
             // `i < layer_count <= LIMITS.max_layers`, so it fits in u32.
             decode_layer(c, i as u32, out_dtype, layer_out, scratch)
         },
     )
-}
-
-/// Per-thread buffers for decoding.
-#[derive(Default)]
-pub(crate) struct DecodeScratch {
-    profile: Scratch,
-    /// One layer in the source dtype, when the output dtype differs.
-    source: Vec<u8>,
 }
 
 /// Decodes layer `i` (relative) of `c` into `out`, exactly one layer in `out_dtype`.
@@ -113,19 +118,13 @@ pub(crate) fn decode_layer(
     i: u32,
     out_dtype: Dtype,
     out: &mut [u8],
-    scratch: &mut DecodeScratch,
+    scratch: &mut Scratch,
 ) -> Result<(), CodecError> {
     let h = c.header();
     let payload = c.layer_payload(i);
-    if out_dtype == h.dtype {
-        return h
-            .profile
-            .decode_layer(payload, h.dtype, &h.params, out, &mut scratch.profile);
-    }
-    let source = sized(&mut scratch.source, h.shape().layer_byte_len(h.dtype)?);
+    let geom = geom(&h.shape(), h.layer_start.saturating_add(i), h.total_layers);
     h.profile
-        .decode_layer(payload, h.dtype, &h.params, source, &mut scratch.profile)?;
-    convert(source, h.dtype, out, out_dtype)
+        .decode_layer(payload, h.dtype, &h.params, geom, out_dtype, out, scratch)
 }
 
 #[cfg(test)]
@@ -200,6 +199,78 @@ mod tests {
             let first = range.start as usize * out_layer;
             prop_assert_eq!(&one[..], &whole[first..first + out_layer]);
         }
+    }
+
+    proptest! {
+        #[test]
+        fn every_profile_slices_and_converts_consistently(
+            (t, _) in profile::testdata::structured(),
+            profile in prop::sample::select(Profile::ALL),
+            a in any::<prop::sample::Index>(),
+            b in any::<prop::sample::Index>(),
+        ) {
+            let blob = encode(t.view(), profile)?;
+            let whole = decode(&blob)?;
+            prop_assert_eq!(whole.shape(), t.shape());
+            // Every output dtype is the f32 output rounded once.
+            let mut f32_out = vec![0u8; t.shape().byte_len(Dtype::F32)?];
+            decode_into(&blob, Dtype::F32, &mut f32_out)?;
+            for &to in Dtype::ALL {
+                let mut out = vec![0u8; t.shape().byte_len(to)?];
+                decode_into(&blob, to, &mut out)?;
+                let mut want = vec![0u8; out.len()];
+                convert(&f32_out, Dtype::F32, &mut want, to)?;
+                prop_assert_eq!(out, want, "{} to {}", profile, to);
+            }
+            // A layer range decodes to the same bytes as those layers of the whole.
+            let layers = t.shape().layers as usize;
+            let (a, b) = (a.index(layers), b.index(layers));
+            let range = a.min(b) as u32..a.max(b) as u32 + 1;
+            let part = decode(&slice_layers(&blob, range.clone())?)?;
+            let lb = t.shape().layer_byte_len(t.dtype())?;
+            prop_assert_eq!(part.data(), &whole.data()[range.start as usize * lb..range.end as usize * lb]);
+        }
+
+        #[test]
+        fn damaged_payloads_never_panic(
+            (t, _) in profile::testdata::structured(),
+            profile in prop::sample::select(Profile::ALL),
+            at in any::<prop::sample::Index>(),
+            xor in 1u8..=255,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let blob = encode(t.view(), profile)?;
+            let c = Container::parse(&blob)?;
+            let payload_start = blob.len() - 4 - (0..c.header().layer_count).map(|i| c.layer_payload(i).len()).sum::<usize>();
+            let params_start = 40;
+            // A flipped byte in the params or a payload, checksum fixed up, so only the
+            // profile's own parsing stands between it and the decoder.
+            let mut bad = blob.clone();
+            let lo = params_start.min(payload_start);
+            let i = lo + at.index(blob.len() - 4 - lo);
+            bad[i] ^= xor;
+            refresh_crc(&mut bad);
+            let _ = decode(&bad);
+            let mut out = vec![0u8; t.shape().byte_len(Dtype::F16)?];
+            let _ = decode_into(&bad, Dtype::F16, &mut out);
+            // The first layer's payload cut short: the table is rewritten to match, so
+            // the container parses and the profile must see the cut.
+            let first = c.layer_payload(0).len();
+            if first > 0 {
+                let keep = cut.index(first);
+                let mut header = c.header().clone();
+                header.layer_count = 1;
+                header.total_layers = header.total_layers.max(1);
+                let short = container::write(&header, &[&c.layer_payload(0)[..keep]]);
+                prop_assert!(decode(&short).is_err(), "{} accepted a layer cut to {} of {} bytes", profile, keep, first);
+            }
+        }
+    }
+
+    fn refresh_crc(b: &mut [u8]) {
+        let n = b.len() - 4;
+        let crc = crc32c::crc32c(&b[..n]);
+        b[n..].copy_from_slice(&crc.to_le_bytes());
     }
 
     fn shape() -> KvShape {

@@ -1,5 +1,5 @@
 //! Feeds arbitrary bytes to every parser of untrusted containers: `Container::parse`,
-//! `decode`, `decode_into` and `slice_layers` must return errors, never panic, hang or
+//! `decode`, `decode_into` and `slice_layers` must return errors (every profile's decoder runs, since the profile id comes from the input), never panic, hang or
 //! allocate without bound. Run with `cargo fuzz run container` from `codec/`.
 
 #![no_main]
@@ -32,7 +32,10 @@ fuzz_target!(|data: &[u8]| {
         && let Ok(t) = decode(data)
     {
         assert_eq!(t.shape(), shape);
-        let mut out = vec![0u8; shape.byte_len(Dtype::F32).unwrap_or(0)];
-        let _ = decode_into(data, Dtype::F32, &mut out);
+        // Every output dtype: the lossy profiles write each one directly.
+        for &to in Dtype::ALL {
+            let mut out = vec![0u8; shape.byte_len(to).unwrap_or(0)];
+            let _ = decode_into(data, to, &mut out);
+        }
     }
 });

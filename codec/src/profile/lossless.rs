@@ -47,6 +47,27 @@ pub(super) fn encode_layer(
 pub(super) fn decode_layer(
     payload: &[u8],
     dtype: Dtype,
+    params: &[u8],
+    out_dtype: Dtype,
+    out: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<(), CodecError> {
+    if out_dtype == dtype {
+        return decode_source(payload, dtype, params, out, scratch);
+    }
+    // Decode in the source dtype, then convert: the shuffle works on source elements.
+    let len = out.len() / out_dtype.size() * dtype.size();
+    let mut source = std::mem::take(&mut scratch.source);
+    let result = decode_source(payload, dtype, params, sized(&mut source, len), scratch)
+        .and_then(|()| crate::tensor::convert(&source[..len], dtype, out, out_dtype));
+    scratch.source = source;
+    result
+}
+
+/// Decodes into `out`, exactly one layer in the source dtype.
+fn decode_source(
+    payload: &[u8],
+    dtype: Dtype,
     _params: &[u8],
     out: &mut [u8],
     scratch: &mut Scratch,

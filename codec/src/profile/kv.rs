@@ -1,0 +1,571 @@
+//! The `kv-hi`, `kv-mid` and `kv-lo` profiles: uniform scalar quantization with
+//! KIVI-style grouping, entropy coded with the interleaved rANS of `rans.rs`.
+//!
+//! Per layer:
+//! - **Keys per channel, values per token** (KIVI, KVQuant): each key channel (over the
+//!   chunk's tokens) and each value token (over its channels) is a *group* with its own
+//!   step `Δ = f · σ` (σ = the group's RMS deviation from its mean) and zero point (the
+//!   group mean, rounded to a multiple of Δ). Per-channel key steps isolate the outlier
+//!   channels keys are known for; per-token value steps follow token magnitudes.
+//! - **Bit widths by layer group**: the step factor `f` is halved (about one bit more)
+//!   for the first ⌈L/6⌉ key layers and the first ⌈L/15⌉ value layers, where CacheGen and
+//!   KVQuant found loss hurts most. The steps chosen are written into each layer's payload,
+//!   so the decoder needs no schedule.
+//! - **Symbols**: `q = round(x / Δ)`, residual `r = q - m` (m = zero point in steps). The
+//!   alphabet is `r ∈ [-M, M]` plus one escape symbol, with `M ≤ 31` chosen per (layer,
+//!   K/V) to minimise the estimated size. **Outliers are never clipped**: a residual beyond
+//!   the alphabet is coded as the escape symbol and its exact value (a zigzag varint in
+//!   the stream's escape bytes), so the error bound below holds for every element.
+//! - **Entropy coding**: one 12-bit frequency table per (layer, K/V), shared by all its
+//!   groups (after per-group normalisation the groups' residuals share one distribution;
+//!   the table costs `1 + 2(2M+2)` bytes against CacheGen's `66 · channels`); symbols in
+//!   canonical `[token][channel]` order, cut into blocks of `block_tokens` tokens, each
+//!   block an independent 4-lane rANS stream, so blocks decode in parallel.
+//! - Step sizes are `Δ(e) = MANT[e mod 4] · 2^(e div 4 - 40)` for a byte `e` (a quarter-
+//!   octave grid from 2^-40 to 2^24): exact in f32, so every decoder computes the same
+//!   bits. A step is raised when needed so that `max |x| / Δ ≤ 2^29` (residuals fit i32).
+//!
+//! Decoding computes `x̂ = (r + m) · Δ` in f32.
+//!
+//! **Error bound** (all three profiles): `|x - x̂| ≤ Δ/2 + 2^-22 · |x|` for every
+//! element, with Δ the step of the element's group, plus the rounding of the output dtype
+//! when it is narrower than f32. With Gaussian-like groups that is an RMS error of about
+//! `0.29 · f · σ`: `f` = 0.25 (`kv-hi`), 0.6 (`kv-mid`), 1.1 (`kv-lo`).
+//!
+//! Header parameters (5 bytes): format 1, probability bits 12, lanes 4, `block_tokens`
+//! (u16). Layer payload, for K then V:
+//! `kind` (u8: 0 = groups are channels, 1 = groups are tokens), one step byte `e` per
+//! group, one zigzag varint `m` per group, `M` (u8), the frequency table, then per block:
+//! varint rANS byte length, varint escape byte length, the rANS stream, the escapes.
+//!
+//! Not done (measured or not yet worth it): delta coding across tokens (CacheGen#6
+//! measured it larger at equal accuracy) and pre-RoPE keys (the codec does not see RoPE
+//! parameters yet).
+
+use crate::error::CodecError;
+use crate::profile::payload::{PayloadReader, put_svarint, put_varint, read_varint, unzigzag};
+use crate::profile::{LayerGeom, Profile, Scratch, load_f32, store_f32};
+use crate::rans::{self, DecodeTable, FreqTable};
+use crate::tensor::{Dtype, KvView};
+
+/// Version of this profile's payload format.
+const FORMAT: u8 = 1;
+/// Tokens per rANS stream.
+const BLOCK_TOKENS: u16 = 32;
+/// Largest residual magnitude with its own symbol (alphabet `2M + 2 <= 64`).
+const MAX_M: usize = 31;
+/// Residuals beyond this are assumed to cost this many extra bits as escapes.
+const ESCAPE_BITS: f64 = 14.0;
+/// The bound on `max |x| / Δ`, so that residuals and zero points fit in i32.
+const MAX_RATIO: f64 = (1u64 << 29) as f64;
+/// Mantissas of the quarter-octave step grid: 2^0, 2^0.25, 2^0.5, 2^0.75 (f32 literals,
+/// so every build and the GPU decoder read the same bits).
+const MANT: [f32; 4] = [1.0, 1.189_207_1, std::f32::consts::SQRT_2, 1.681_792_8];
+/// Exponent bias of the step grid: `e = 0` is `2^-40`.
+const EXP_BIAS: i32 = 40;
+
+/// The step of grid index `e`.
+pub(crate) fn step(e: u8) -> f32 {
+    let exp = i32::from(e >> 2) - EXP_BIAS; // -40..=23: normal f32, exact power of two
+    MANT[usize::from(e & 3)] * f32::from_bits(((exp + 127) as u32) << 23)
+}
+
+/// Step factor (in units of the group's σ) for keys and values of a profile.
+fn step_factor(profile: Profile) -> f64 {
+    match profile {
+        Profile::KvHi => 0.25,
+        Profile::KvMid => 0.6,
+        _ => 1.1,
+    }
+}
+
+/// The factor for one part of a layer: finer steps for the early layer group.
+fn layer_factor(profile: Profile, geom: &LayerGeom, is_value: bool) -> f64 {
+    let early = if is_value {
+        geom.total_layers.div_ceil(15)
+    } else {
+        geom.total_layers.div_ceil(6)
+    };
+    let f = step_factor(profile);
+    if geom.index < early { f * 0.5 } else { f }
+}
+
+pub(super) fn params(_profile: Profile, _view: &KvView<'_>) -> Result<Vec<u8>, CodecError> {
+    let mut p = vec![FORMAT, rans::PROB_BITS as u8, rans::LANES as u8];
+    p.extend_from_slice(&BLOCK_TOKENS.to_le_bytes());
+    Ok(p)
+}
+
+/// Checks the header parameters and returns `block_tokens`.
+fn parse_params(params: &[u8]) -> Result<usize, CodecError> {
+    match params {
+        [FORMAT, bits, lanes, b0, b1]
+            if u32::from(*bits) == rans::PROB_BITS && usize::from(*lanes) == rans::LANES =>
+        {
+            let block = u16::from_le_bytes([*b0, *b1]);
+            if block == 0 {
+                return Err(CodecError::Corrupt("kv profile block_tokens is 0".into()));
+            }
+            Ok(usize::from(block))
+        }
+        _ => Err(CodecError::Corrupt(format!(
+            "kv profile parameters {params:02x?} not understood (expected format {FORMAT}, {} probability bits, {} lanes)",
+            rans::PROB_BITS,
+            rans::LANES
+        ))),
+    }
+}
+
+pub(super) fn check_params(_profile: Profile, params: &[u8]) -> Result<(), CodecError> {
+    parse_params(params).map(|_| ())
+}
+
+fn unencodable(what: &'static str) -> CodecError {
+    CodecError::Unencodable { profile: "kv", what }
+}
+
+/// `round(v)` (ties to even) as i32, for `|v| < 2^31`, without a libm call or a
+/// saturating conversion: adding 1.5 * 2^52 leaves the rounded integer in the low 32 bits
+/// of the f64's bits (two's complement). Vectorises, unlike `f64::round` on baseline x86-64.
+#[inline(always)]
+fn round_i32(v: f64) -> i32 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
+    (v + MAGIC).to_bits() as u32 as i32
+}
+
+/// Picks a group's step index and zero point (in steps) for step factor `f`, from the
+/// group's sum, sum of squares, max |x| and element count.
+fn choose(sum: f64, sum_sq: f64, max_abs: f64, n: usize, f: f64) -> Result<(u8, i32), CodecError> {
+    let n = n.max(1) as f64;
+    let mean = sum / n;
+    let sigma = (sum_sq / n - mean * mean).max(0.0).sqrt();
+    let target = f * sigma;
+    let mut e = if target > 0.0 {
+        (4.0 * target.log2() + f64::from(4 * EXP_BIAS))
+            .round()
+            .clamp(0.0, 255.0) as u8
+    } else {
+        0
+    };
+    while max_abs / f64::from(step(e)) > MAX_RATIO {
+        e = e
+            .checked_add(1)
+            .ok_or_else(|| unencodable("an element too large for its step grid"))?;
+    }
+    let m = (mean / f64::from(step(e))).round() as i32;
+    Ok((e, m))
+}
+
+pub(super) fn encode_layer(
+    profile: Profile,
+    layer: &[u8],
+    dtype: Dtype,
+    params: &[u8],
+    geom: LayerGeom,
+    scratch: &mut Scratch,
+) -> Result<Vec<u8>, CodecError> {
+    let block = parse_params(params)?;
+    load_f32(layer, dtype, &mut scratch.f32s);
+    // Vectorised check: a NaN or infinity makes the sum non-finite (finite f32s cannot
+    // overflow an f64 sum).
+    if !scratch
+        .f32s
+        .iter()
+        .map(|&x| f64::from(x))
+        .sum::<f64>()
+        .is_finite()
+    {
+        return Err(unencodable("a non-finite element"));
+    }
+    let (t, c, n) = (geom.tokens, geom.channels, geom.part_elems());
+    let mut out = Vec::with_capacity(n / 2);
+    let f32s = std::mem::take(&mut scratch.f32s);
+    let result = (|| {
+        for (p, part) in f32s.chunks_exact(n).enumerate() {
+            let is_value = p == 1;
+            encode_part(
+                part,
+                t,
+                c,
+                block,
+                layer_factor(profile, &geom, is_value),
+                is_value,
+                scratch,
+                &mut out,
+            )?;
+        }
+        Ok(())
+    })();
+    scratch.f32s = f32s;
+    result.map(|()| out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_part(
+    part: &[f32],
+    t: usize,
+    c: usize,
+    block: usize,
+    factor: f64,
+    per_token: bool,
+    scratch: &mut Scratch,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    // Group statistics: per channel (keys) or per token (values). Kept as separate
+    // arrays so the per-channel loops vectorise.
+    let groups = if per_token { t } else { c };
+    let (mut sum, mut sum_sq, mut max_abs) = (vec![0f64; groups], vec![0f64; groups], vec![0f64; groups]);
+    for (ti, row) in part.chunks_exact(c).enumerate() {
+        if per_token {
+            let (mut s, mut q, mut m) = (0f64, 0f64, 0f64);
+            for &x in row {
+                let x = f64::from(x);
+                s += x;
+                q += x * x;
+                let a = x.abs();
+                m = if a > m { a } else { m };
+            }
+            (sum[ti], sum_sq[ti], max_abs[ti]) = (s, q, m);
+        } else {
+            for (((s, q), m), &x) in sum
+                .iter_mut()
+                .zip(sum_sq.iter_mut())
+                .zip(max_abs.iter_mut())
+                .zip(row)
+            {
+                let x = f64::from(x);
+                *s += x;
+                *q += x * x;
+                let a = x.abs();
+                *m = if a > *m { a } else { *m };
+            }
+        }
+    }
+    let n_group = if per_token { c } else { t };
+    let chosen: Vec<(u8, i32)> = (0..groups)
+        .map(|g| choose(sum[g], sum_sq[g], max_abs[g], n_group, factor))
+        .collect::<Result<_, _>>()?;
+    out.push(u8::from(per_token));
+    out.extend(chosen.iter().map(|&(e, _)| e));
+    for &(_, m) in &chosen {
+        put_svarint(out, m);
+    }
+    // Residuals, with a histogram to choose the alphabet.
+    let inv: Vec<f64> = chosen.iter().map(|&(e, _)| 1.0 / f64::from(step(e))).collect();
+    let zero: Vec<i32> = chosen.iter().map(|&(_, m)| m).collect();
+    let res = &mut scratch.ints;
+    res.clear();
+    res.resize(part.len(), 0);
+    // Hot path (encode): a multiply, a magic-number round and a subtract per element.
+    // `|x| * inv <= 2^29` and `|m| <= 2^29` (see `choose`), so the rounding trick is exact
+    // and the subtraction cannot wrap; multiplying
+    // by the f64 reciprocal rounds like the division except within 2^-50 of a tie.
+    for (ti, (row, out_row)) in part.chunks_exact(c).zip(res.chunks_exact_mut(c)).enumerate() {
+        if per_token {
+            let (inv, m) = (inv[ti], zero[ti]);
+            for (r, &x) in out_row.iter_mut().zip(row) {
+                *r = round_i32(f64::from(x) * inv).wrapping_sub(m);
+            }
+        } else {
+            for (((r, &x), &inv), &m) in out_row.iter_mut().zip(row).zip(&inv).zip(&zero) {
+                *r = round_i32(f64::from(x) * inv).wrapping_sub(m);
+            }
+        }
+    }
+    // Histogram of residuals in [-32, 31]; everything else lands in the last bin.
+    let mut hist = [0u64; 65];
+    for &r in res.iter() {
+        // Negative or large values wrap to >= 64 and are clamped to the overflow bin.
+        hist[(r.wrapping_add(32) as u32).min(64) as usize] += 1;
+    }
+    let total = res.len() as f64;
+    let cost = |m: usize| -> f64 {
+        let inside = &hist[32 - m..=32 + m];
+        let esc = total - inside.iter().sum::<u64>() as f64;
+        let ent = |c: f64| if c > 0.0 { c * (total / c).log2() } else { 0.0 };
+        inside.iter().map(|&c| ent(c as f64)).sum::<f64>()
+            + ent(esc)
+            + esc * ESCAPE_BITS
+            + (4 * m + 5) as f64 * 8.0
+    };
+    let m_best = (0..=MAX_M)
+        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+        .unwrap_or(MAX_M);
+    let esc_sym = (2 * m_best + 1) as u8;
+    let mut counts = vec![0u64; 2 * m_best + 2];
+    counts[..=2 * m_best].copy_from_slice(&hist[32 - m_best..=32 + m_best]);
+    counts[2 * m_best + 1] = res.len() as u64 - counts[..=2 * m_best].iter().sum::<u64>();
+    let table = FreqTable::from_counts(&counts)?;
+    out.push(m_best as u8);
+    table.write(out);
+    // Streams: `block` tokens each.
+    let mut esc = Vec::new();
+    let mut stream = Vec::new();
+    let m_i = m_best as i32;
+    for blk in res.chunks(block * c) {
+        let syms = &mut scratch.syms;
+        syms.clear();
+        esc.clear();
+        // Branch-free mapping; residuals outside [-M, M] wrap above 2M and become the
+        // escape symbol, whose values follow in a (rare) second pass.
+        let span = 2 * m_i as u32;
+        syms.extend(blk.iter().map(|&r| {
+            let s = r.wrapping_add(m_i) as u32;
+            if s <= span { s as u8 } else { esc_sym }
+        }));
+        if syms.contains(&esc_sym) {
+            for &r in blk.iter().filter(|&&r| r.unsigned_abs() as usize > m_best) {
+                put_svarint(&mut esc, r);
+            }
+        }
+        stream.clear();
+        rans::encode(syms, &table, &mut scratch.words, &mut stream)?;
+        put_varint(out, stream.len() as u32);
+        put_varint(out, esc.len() as u32);
+        out.extend_from_slice(&stream);
+        out.extend_from_slice(&esc);
+    }
+    Ok(())
+}
+
+pub(super) fn decode_layer(
+    payload: &[u8],
+    params: &[u8],
+    geom: LayerGeom,
+    out_dtype: Dtype,
+    out: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<(), CodecError> {
+    let block = parse_params(params)?;
+    let (t, c, n) = (geom.tokens, geom.channels, geom.part_elems());
+    let mut r = PayloadReader::new(payload, "kv");
+    let mut dtable = scratch.dtable.take().unwrap_or_default();
+    let result = (|| {
+        for out_part in out.chunks_exact_mut(n * out_dtype.size()) {
+            decode_part(&mut r, t, c, block, out_dtype, out_part, &mut dtable, scratch)?;
+        }
+        r.finish()
+    })();
+    scratch.dtable = Some(dtable);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_part(
+    r: &mut PayloadReader<'_>,
+    t: usize,
+    c: usize,
+    block: usize,
+    out_dtype: Dtype,
+    out: &mut [u8],
+    dtable: &mut DecodeTable,
+    scratch: &mut Scratch,
+) -> Result<(), CodecError> {
+    let per_token = match r.u8()? {
+        0 => false,
+        1 => true,
+        k => return Err(CodecError::Corrupt(format!("kv part kind {k}"))),
+    };
+    let groups = if per_token { t } else { c };
+    let steps = &mut scratch.f32b;
+    steps.clear();
+    steps.extend(r.take(groups)?.iter().map(|&e| step(e)));
+    let zeros = &mut scratch.ints;
+    zeros.clear();
+    for _ in 0..groups {
+        zeros.push(r.svarint()?);
+    }
+    let m = usize::from(r.u8()?);
+    if m > MAX_M {
+        return Err(CodecError::Corrupt(format!("kv alphabet M = {m} above {MAX_M}")));
+    }
+    let n_syms = usize::from(r.u8()?);
+    if n_syms != 2 * m + 2 {
+        return Err(CodecError::Corrupt(format!(
+            "kv table has {n_syms} symbols, expected {}",
+            2 * m + 2
+        )));
+    }
+    let freqs = r
+        .take(2 * n_syms)?
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    dtable.rebuild(&FreqTable::from_freqs(freqs)?);
+    let esc_sym = (2 * m + 1) as u8;
+    // Per-group `zero - M`, so that a symbol s decodes to `(s + bias) * step`.
+    for z in zeros.iter_mut() {
+        *z = z
+            .checked_sub(m as i32)
+            .ok_or_else(|| CodecError::Corrupt("kv zero point out of range".into()))?;
+    }
+    let (syms, fbuf, halfs) = (&mut scratch.syms, &mut scratch.f32s, &mut scratch.halfs);
+    let size = out_dtype.size();
+    for (bi, out_blk) in out.chunks_mut(block * c * size).enumerate() {
+        let elems = out_blk.len() / size;
+        let rans_len = r.varint()? as usize;
+        let esc_len = r.varint()? as usize;
+        let stream = r.take(rans_len)?;
+        let mut escs = r.take(esc_len)?;
+        syms.clear();
+        syms.resize(elems, 0);
+        rans::decode(stream, dtable, syms)?;
+        fbuf.clear();
+        fbuf.resize(elems, 0.0);
+        let t0 = bi * block;
+        // Hot path (decode): an add, a convert and a multiply per element, vectorisable;
+        // escapes are patched afterwards.
+        for (k, (srow, frow)) in syms.chunks_exact(c).zip(fbuf.chunks_exact_mut(c)).enumerate() {
+            if per_token {
+                let (b, d) = (zeros[t0 + k], steps[t0 + k]);
+                for (x, &s) in frow.iter_mut().zip(srow) {
+                    *x = i32::from(s).wrapping_add(b) as f32 * d;
+                }
+            } else {
+                for (((x, &s), &b), &d) in frow.iter_mut().zip(srow).zip(zeros.iter()).zip(steps.iter()) {
+                    *x = i32::from(s).wrapping_add(b) as f32 * d;
+                }
+            }
+        }
+        if syms.contains(&esc_sym) {
+            for (i, _) in syms.iter().enumerate().filter(|&(_, &s)| s == esc_sym) {
+                let (v, used) = read_varint(escs)
+                    .ok_or_else(|| CodecError::Corrupt("kv escape missing or malformed".into()))?;
+                escs = &escs[used..];
+                let g = if per_token { t0 + i / c } else { i % c };
+                let q = i64::from(unzigzag(v)) + i64::from(zeros[g]) + m as i64;
+                fbuf[i] = q as f32 * steps[g];
+            }
+        }
+        if !escs.is_empty() {
+            return Err(CodecError::Corrupt(format!(
+                "kv block has {} unused escape bytes",
+                escs.len()
+            )));
+        }
+        store_f32(fbuf, out_dtype, out_blk, halfs);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::testdata::{decoded_f32, structured};
+    use crate::tensor::KvShape;
+    use proptest::prelude::*;
+
+    #[test]
+    fn step_grid_is_exact_and_monotone() {
+        assert_eq!(step(4 * EXP_BIAS as u8), 1.0);
+        assert_eq!(step(4 * EXP_BIAS as u8 + 4), 2.0);
+        assert_eq!(step(0), 2f32.powi(-40));
+        for e in 0..255u8 {
+            assert!(step(e + 1) > step(e));
+            let ratio = f64::from(step(e + 1)) / f64::from(step(e));
+            assert!((ratio - 2f64.powf(0.25)).abs() < 1e-6, "{e}: {ratio}");
+        }
+    }
+
+    /// The bound of the module docs, computed independently of the encoder: the group's
+    /// step is at most `f σ` rounded up a quarter-octave-half (2^(1/8)), or the smallest
+    /// step that keeps `max |x| / Δ <= 2^29`, or the grid's minimum.
+    fn check_bound(profile: Profile, shape: KvShape, x: &[f32], y: &[f32]) -> Result<(), TestCaseError> {
+        let (t, c) = (shape.tokens as usize, (shape.kv_heads * shape.head_dim) as usize);
+        let f = step_factor(profile);
+        for (p, (xp, yp)) in x.chunks_exact(t * c).zip(y.chunks_exact(t * c)).enumerate() {
+            let per_token = p % 2 == 1;
+            let groups = if per_token { t } else { c };
+            for g in 0..groups {
+                let idx: Vec<usize> = if per_token {
+                    (g * c..(g + 1) * c).collect()
+                } else {
+                    (0..t).map(|ti| ti * c + g).collect()
+                };
+                let n = idx.len() as f64;
+                let mean = idx.iter().map(|&i| f64::from(xp[i])).sum::<f64>() / n;
+                let var = idx.iter().map(|&i| f64::from(xp[i]).powi(2)).sum::<f64>() / n - mean * mean;
+                let max_abs = idx.iter().map(|&i| f64::from(xp[i]).abs()).fold(0.0, f64::max);
+                let step = (f * var.max(0.0).sqrt() * 2f64.powf(0.125))
+                    .max(max_abs * 2f64.powi(-28))
+                    .max(2f64.powi(-40))
+                    * (1.0 + 1e-6);
+                for &i in &idx {
+                    let err = f64::from(xp[i] - yp[i]).abs();
+                    let bound = step / 2.0 + 2f64.powi(-22) * f64::from(xp[i]).abs();
+                    prop_assert!(
+                        err <= bound,
+                        "{profile} part {p} group {g} elem {i}: {} vs {}, err {err} > {bound}",
+                        xp[i],
+                        yp[i]
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn lossy_round_trip_within_bound(
+            (t, seen) in structured(),
+            profile in prop::sample::select(&[Profile::KvHi, Profile::KvMid, Profile::KvLo][..]),
+        ) {
+            let blob = crate::encode(t.view(), profile)?;
+            let got = decoded_f32(&blob);
+            check_bound(profile, t.shape(), &seen, &got)?;
+        }
+    }
+
+    #[test]
+    fn constant_and_huge_groups_round_trip() {
+        let shape = KvShape {
+            layers: 1,
+            tokens: 3,
+            kv_heads: 1,
+            head_dim: 2,
+        };
+        for v in [0.0f32, 1.0, -3.5e15, 1e-30] {
+            let data: Vec<u8> = std::iter::repeat_n(v, 12).flat_map(|x| x.to_le_bytes()).collect();
+            let t = crate::KvTensor::new(shape, Dtype::F32, data).unwrap();
+            let blob = crate::encode(t.view(), Profile::KvLo).unwrap();
+            for y in decoded_f32(&blob) {
+                assert!((y - v).abs() <= v.abs() * 1e-6 + 1e-12, "{v} -> {y}");
+            }
+        }
+        // Beyond 2^29 of the largest step (about 7.5e15) a value cannot be coded.
+        let huge: Vec<u8> = std::iter::repeat_n(3.5e20f32, 12)
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let t = crate::KvTensor::new(shape, Dtype::F32, huge).unwrap();
+        assert!(matches!(
+            crate::encode(t.view(), Profile::KvLo),
+            Err(CodecError::Unencodable { .. })
+        ));
+        let nan: Vec<u8> = [1.0f32, f32::NAN, 0.0, 0.0, 0.0, 0.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let nan = [nan.clone(), nan].concat();
+        let t = crate::KvTensor::new(shape, Dtype::F32, nan).unwrap();
+        assert!(matches!(
+            crate::encode(t.view(), Profile::KvMid),
+            Err(CodecError::Unencodable { .. })
+        ));
+    }
+
+    #[test]
+    fn params_are_checked() {
+        assert_eq!(parse_params(&[1, 12, 4, 32, 0]), Ok(32));
+        for bad in [
+            &[][..],
+            &[2, 12, 4, 32, 0],
+            &[1, 11, 4, 32, 0],
+            &[1, 12, 8, 32, 0],
+            &[1, 12, 4, 0, 0],
+            &[1, 12, 4, 32],
+        ] {
+            assert!(parse_params(bad).is_err(), "{bad:?}");
+        }
+    }
+}
