@@ -268,3 +268,109 @@ fn bad_documents_are_refused_before_any_work() {
         Err(ModelError::BadInput(_))
     ));
 }
+
+fn run_ok(args: &[&str]) -> String {
+    let out = kvault_tests::kvault(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "kvault {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// `kvault warmup` stores a document chunk by chunk, resumes from a stored
+/// prefix, skips what is stored, refuses bad documents without storing them;
+/// `kvault ask` then takes the whole prefix from kvault and answers exactly
+/// as it does when recomputing.
+#[test]
+fn warmup_then_ask_through_a_real_server() {
+    let server = kvault_tests::TestServer::start(&[]);
+    let url = server.url();
+    let model = model_path();
+    let model = model.to_str().expect("utf-8 path");
+    let dir = tempfile::tempdir().expect("tmp");
+    let full = document();
+    // A cut well past 256 tokens: its first chunk is the full text's first chunk.
+    let cut = &full[..full.len() * 4 / 5];
+    let jsonl = dir.path().join("docs.jsonl");
+    std::fs::write(
+        &jsonl,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"id": "empty", "text": ""}),
+            serde_json::json!({"id": "cut", "text": cut})
+        ),
+    )
+    .expect("write");
+    let out = kvault_tests::kvault(&[
+        "warmup",
+        "--server",
+        &url,
+        "--model",
+        model,
+        "--input",
+        jsonl.to_str().expect("path"),
+        "--quiet",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "a refused document fails the run:\n{text}");
+    assert!(text.contains("refused: empty: empty input"), "{text}");
+    assert!(text.contains("0 from kvault"), "{text}");
+
+    let doc = dir.path().join("address.txt");
+    std::fs::write(&doc, &full).expect("write");
+    let dump = dir.path().join("dump.safetensors");
+    let args = [
+        "warmup",
+        "--server",
+        &url,
+        "--model",
+        model,
+        "--input",
+        doc.to_str().expect("path"),
+        "--quiet",
+        "--dump-kv",
+        dump.to_str().expect("path"),
+    ];
+    let text = run_ok(&args);
+    assert!(
+        text.contains("336 tokens: 256 from kvault, 80 prefilled"),
+        "resumes after the stored chunk:\n{text}"
+    );
+    let dumped = kvault_client::kv_file::read(&dump).expect("dump");
+    assert_eq!(dumped.ids.len(), 336);
+    assert_eq!(dumped.kv.shape().tokens, 336);
+    let text = run_ok(&args);
+    assert!(text.contains("(1 already stored)"), "{text}");
+    assert!(text.contains("336 from kvault, 0 prefilled"), "{text}");
+
+    let ask = |extra: &[&str]| {
+        let mut a = vec![
+            "ask",
+            "--server",
+            &url,
+            "--model",
+            model,
+            "--input",
+            doc.to_str().expect("path"),
+            "--prompt",
+            "Who gave this speech?",
+            "--max-new",
+            "12",
+        ];
+        a.extend_from_slice(extra);
+        run_ok(&a)
+    };
+    let cached = ask(&[]);
+    assert!(cached.contains("336 from kvault"), "{cached}");
+    let fresh = ask(&["--no-cache"]);
+    assert!(fresh.contains("0 from kvault"), "{fresh}");
+    let answer = |s: &str| s.lines().find(|l| l.starts_with("answer:")).map(str::to_string);
+    assert!(
+        answer(&cached).is_some_and(|a| a.len() > "answer: ".len()),
+        "{cached}"
+    );
+    assert_eq!(answer(&cached), answer(&fresh));
+}

@@ -1,9 +1,13 @@
 //! Subcommands of `kvault` and the flags they share.
 
+#[cfg(feature = "model")]
+mod ask;
 mod bench_get;
 mod demo;
 mod stat;
 mod transfer;
+#[cfg(feature = "model")]
+mod warmup;
 
 use std::time::Duration;
 
@@ -34,6 +38,12 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Prefill documents with a GGUF model and store their KV caches (skips what is stored).
+    #[cfg(feature = "model")]
+    Warmup(warmup::WarmupArgs),
+    /// Answer a question about a document, with its KV cache from kvault when stored; print the TTFT split.
+    #[cfg(feature = "model")]
+    Ask(ask::AskArgs),
     /// The main job on embedded defaults: start a server, import a KV cache, export it back, check, report.
     Demo(demo::DemoArgs),
 }
@@ -89,5 +99,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stat(a) => stat::stat(a).await,
         Command::Bench(BenchCommand::Get(a)) => bench_get::run(a).await,
         Command::Demo(a) => demo::run(a).await,
+        #[cfg(feature = "model")]
+        Command::Warmup(a) => warmup::run(a).await,
+        #[cfg(feature = "model")]
+        Command::Ask(a) => ask::run(a).await,
     }
 }

@@ -292,17 +292,33 @@ impl LlamaModel {
 
     /// The runner's cache as a canonical f32 KV tensor.
     pub fn cache_to_kv(&self, cache: &KvCache) -> Result<KvTensor, ModelError> {
+        self.cache_range_to_kv(cache, 0, cache.len)
+    }
+
+    /// Tokens `t0..t1` of the runner's cache as a canonical f32 KV tensor
+    /// (one chunk of a prefix, for storing).
+    pub fn cache_range_to_kv(&self, cache: &KvCache, t0: usize, t1: usize) -> Result<KvTensor, ModelError> {
+        if t0 > t1 || t1 > cache.len {
+            return Err(ModelError::BadInput(format!(
+                "token range {t0}..{t1} outside the cache of {}",
+                cache.len
+            )));
+        }
         let c = self.config();
         let shape = KvShape {
             layers: c.layers as u32,
-            tokens: cache.len as u32,
+            tokens: (t1 - t0) as u32,
             kv_heads: c.kv_heads as u32,
             head_dim: c.head_dim as u32,
         };
         let mut data = Vec::with_capacity(shape.byte_len(Dtype::F32)?);
         for (k, v) in &cache.layers {
             for t in [k, v] {
-                let vals = t.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()?;
+                let vals = t
+                    .narrow(1, t0, t1 - t0)?
+                    .transpose(0, 1)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
                 data.extend(vals.iter().flat_map(|x| x.to_le_bytes()));
             }
         }
@@ -341,6 +357,11 @@ impl Session<'_> {
     /// The cache as a canonical f32 KV tensor.
     pub fn kv(&self) -> Result<KvTensor, ModelError> {
         self.model.cache_to_kv(&self.cache)
+    }
+
+    /// Tokens `t0..t1` of the cache as a canonical f32 KV tensor.
+    pub fn kv_range(&self, t0: usize, t1: usize) -> Result<KvTensor, ModelError> {
+        self.model.cache_range_to_kv(&self.cache, t0, t1)
     }
 
     /// Greedy continuation of `prompt`: at most `max_new` tokens, stopping

@@ -1,0 +1,258 @@
+//! `kvault ask`: answer a question with a document as the prefix, taking
+//! the document's KV cache from kvault when it is stored, and show where the
+//! time to first token goes.
+//!
+//! The document's tokens are the prefix (as `kvault warmup` stores them);
+//! the question follows as a chat turn. TTFT = lookup + fetch + decode (and
+//! injection into the model) + prefill of the uncached rest of the document
+//! + prefill of the question and the first token.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use kvault_client::model::{LlamaModel, Session};
+use kvault_client::prefix::place_tokens;
+use kvault_client::{Client, Layout};
+use kvault_codec::{Dtype, KvShape, KvTensor};
+
+use super::ServerArgs;
+use super::warmup::{cpu, default_model_id};
+
+#[derive(Debug, Clone, Args)]
+pub struct AskArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// GGUF model file (Llama architecture).
+    #[arg(long, env = "KVAULT_MODEL")]
+    pub model: PathBuf,
+    /// Model id of the namespace (default: the GGUF file name without `.gguf`).
+    #[arg(long)]
+    pub model_id: Option<String>,
+    /// The document (a text file), used as the prefix.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// The question.
+    #[arg(long)]
+    pub prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_new: usize,
+    /// Tokens per chunk of the namespace.
+    #[arg(long, default_value_t = 256)]
+    pub chunk_tokens: u32,
+    /// Recompute the prefix even when kvault holds it.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+/// Where the time to first token went.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ttft {
+    /// Lookup of the prefix's chunk keys.
+    pub lookup: Duration,
+    /// Fetching the stored chunks.
+    pub fetch: Duration,
+    /// Decoding them and injecting them into the model.
+    pub decode: Duration,
+    /// Prefill of the part of the document that was not stored.
+    pub prefill: Duration,
+    /// Prefill of the question and the first token.
+    pub first_token: Duration,
+}
+
+impl Ttft {
+    /// The time to first token.
+    pub fn total(&self) -> Duration {
+        self.lookup + self.fetch + self.decode + self.prefill + self.first_token
+    }
+}
+
+/// What `ask` did.
+#[derive(Debug, Clone)]
+pub struct AskReport {
+    /// Tokens of the document.
+    pub doc_tokens: usize,
+    /// Of these, taken from kvault.
+    pub cached_tokens: usize,
+    /// Encoded bytes fetched.
+    pub wire_bytes: u64,
+    /// Answer tokens (greedy).
+    pub answer: Vec<u32>,
+    /// Answer text.
+    pub text: String,
+    /// The time split.
+    pub ttft: Ttft,
+}
+
+/// The chat turn that follows the document.
+pub fn question_turn(prompt: &str) -> String {
+    format!("\n\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+}
+
+/// A stored prefix fetched and decoded, with timings.
+pub struct Fetched {
+    /// f32 KV of the first `tokens` tokens; `None` when nothing is stored.
+    pub kv: Option<KvTensor>,
+    /// Tokens covered.
+    pub tokens: usize,
+    /// Encoded bytes moved.
+    pub wire_bytes: u64,
+    /// Lookup time.
+    pub lookup: Duration,
+    /// Get time.
+    pub fetch: Duration,
+    /// Decode time.
+    pub decode: Duration,
+}
+
+/// Looks up, fetches and decodes the longest stored prefix of `ids`,
+/// timing each step (what [`Client::get_prefix`] does in one call).
+pub async fn fetch_prefix(client: &Client, layout: &Layout, ids: &[u32]) -> anyhow::Result<Fetched> {
+    let ct = layout.chunk_tokens as usize;
+    let t = Instant::now();
+    let keys = kvault_client::chain_keys(&layout.namespace_id(), ids, ct);
+    let found = client.lookup(layout, &keys).await?.prefix_chunks;
+    let lookup = t.elapsed();
+    let mut out = Fetched {
+        kv: None,
+        tokens: 0,
+        wire_bytes: 0,
+        lookup,
+        fetch: Duration::ZERO,
+        decode: Duration::ZERO,
+    };
+    if found == 0 {
+        return Ok(out);
+    }
+    let t = Instant::now();
+    let got = client.get_many(layout, &keys[..found], None).await?;
+    out.fetch = t.elapsed();
+    let t = Instant::now();
+    // Chunks evicted between lookup and get end the prefix there.
+    let have = got.iter().take_while(|f| f.is_some()).count();
+    let tokens = (have * ct).min(ids.len());
+    if tokens == 0 {
+        return Ok(out);
+    }
+    let shape = KvShape {
+        layers: layout.layers,
+        tokens: tokens as u32,
+        kv_heads: layout.kv_heads,
+        head_dim: layout.head_dim,
+    };
+    let mut kv = KvTensor::zeros(shape, Dtype::F32)?;
+    for (i, f) in got.iter().take(have).flatten().enumerate() {
+        out.wire_bytes += f.blob.len() as u64;
+        let part = cpu(|| -> anyhow::Result<KvTensor> {
+            let c = kvault_codec::Container::parse(&f.blob)?;
+            let want = (tokens - i * ct).min(ct) as u32;
+            if c.header().tokens != want {
+                bail!("chunk {i} holds {} tokens, expected {want}", c.header().tokens);
+            }
+            let mut part = KvTensor::zeros(c.header().shape(), Dtype::F32)?;
+            kvault_codec::decode_into(&f.blob, Dtype::F32, part.data_mut())?;
+            Ok(part)
+        })?;
+        place_tokens(&mut kv, &part.view(), (i * ct) as u32)?;
+    }
+    out.decode = t.elapsed();
+    out.kv = Some(kv);
+    out.tokens = tokens;
+    Ok(out)
+}
+
+/// Answers `prompt` about the document `ids`, from kvault's cache when it
+/// holds the prefix (unless `no_cache`).
+pub async fn ask(
+    model: &LlamaModel,
+    client: &Client,
+    layout: &Layout,
+    ids: &[u32],
+    prompt: &str,
+    max_new: usize,
+    no_cache: bool,
+) -> anyhow::Result<AskReport> {
+    let tok = model.tokenizer();
+    let q = tok.encode(&question_turn(prompt));
+    let context = model.config().context_length;
+    if ids.len() + q.len() + max_new > context {
+        bail!(
+            "document ({} tokens) + question ({}) + answer ({max_new}) exceed the model's context of {context}",
+            ids.len(),
+            q.len()
+        );
+    }
+    let mut ttft = Ttft::default();
+    let fetched = if no_cache {
+        None
+    } else {
+        Some(fetch_prefix(client, layout, ids).await?)
+    };
+    let (mut session, cached, wire_bytes): (Session<'_>, usize, u64) = match fetched {
+        Some(f) => {
+            ttft.lookup = f.lookup;
+            ttft.fetch = f.fetch;
+            let t = Instant::now();
+            let s = cpu(|| model.session(f.kv.as_ref()))?;
+            ttft.decode = f.decode + t.elapsed();
+            (s, f.tokens, f.wire_bytes)
+        }
+        None => (model.session(None)?, 0, 0),
+    };
+    if cached < ids.len() {
+        let t = Instant::now();
+        cpu(|| session.feed(&ids[cached..]))?;
+        ttft.prefill = t.elapsed();
+    }
+    let g = cpu(|| session.generate(&q, max_new))?;
+    ttft.first_token = g.first_token;
+    Ok(AskReport {
+        doc_tokens: ids.len(),
+        cached_tokens: cached,
+        wire_bytes,
+        text: tok.decode(&g.tokens),
+        answer: g.tokens,
+        ttft,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Prints the answer and the TTFT split.
+pub fn print_report(r: &AskReport) {
+    println!("answer: {}", r.text.trim());
+    println!("answer tokens: {}", r.answer.len());
+    let t = &r.ttft;
+    println!(
+        "prefix: {} tokens, {} from kvault ({} bytes fetched), {} prefilled",
+        r.doc_tokens,
+        r.cached_tokens,
+        r.wire_bytes,
+        r.doc_tokens - r.cached_tokens
+    );
+    println!(
+        "TTFT {:.1} ms = lookup {:.1} + fetch {:.1} + decode {:.1} + prefill of uncached rest {:.1} + question and first token {:.1}",
+        ms(t.total()),
+        ms(t.lookup),
+        ms(t.fetch),
+        ms(t.decode),
+        ms(t.prefill),
+        ms(t.first_token)
+    );
+}
+
+pub async fn run(a: AskArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
+    let model = LlamaModel::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let ids = model.encode_document(&text)?;
+    let model_id = a.model_id.clone().unwrap_or_else(|| default_model_id(&a.model));
+    let layout = model.layout(&model_id, a.chunk_tokens);
+    let client = a.server.connect().await?;
+    let r = ask(&model, &client, &layout, &ids, &a.prompt, a.max_new, a.no_cache).await?;
+    print_report(&r);
+    Ok(())
+}
