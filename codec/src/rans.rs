@@ -283,14 +283,16 @@ pub fn decode(stream: &[u8], table: &DecodeTable, out: &mut [u8]) -> Result<(), 
     let slots = &table.slots;
     let mask = PROB_SCALE - 1;
     // Hot path (decode): per symbol one table lookup, one multiply-add and a branch-free
-    // refill. Reads past the end yield 0 and advance `pos`, which the final check catches.
+    // refill (the refill is needed about once per 16 bits of output, at random: a branch
+    // there mispredicts often). The next word is always read, and taken with a select;
+    // reads past the end yield 0 and still advance `pos`, which the final check catches.
     let step = |x: &mut u32, pos: &mut usize| -> u8 {
         let e = slots[(*x & mask) as usize];
-        *x = (e & 0x1FFF) * (*x >> PROB_BITS) + ((e >> 13) & 0xFFF);
-        if *x < RANS_L {
-            *x = (*x << 16) | word(*pos);
-            *pos += 1;
-        }
+        let y = (e & 0x1FFF) * (*x >> PROB_BITS) + ((e >> 13) & 0xFFF);
+        let need = y < RANS_L;
+        let w = word(*pos);
+        *x = if need { (y << 16) | w } else { y };
+        *pos += usize::from(need);
         (e >> 25) as u8
     };
     let mut chunks = out.chunks_exact_mut(LANES);

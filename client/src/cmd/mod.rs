@@ -2,7 +2,11 @@
 
 #[cfg(feature = "model")]
 mod ask;
+#[cfg(feature = "model")]
+mod bench_codec;
 mod bench_get;
+#[cfg(feature = "model")]
+mod codec_eval;
 mod demo;
 mod stat;
 mod transfer;
@@ -44,6 +48,9 @@ enum Command {
     /// Answer a question about a document, with its KV cache from kvault when stored; print the TTFT split.
     #[cfg(feature = "model")]
     Ask(ask::AskArgs),
+    /// Every codec profile on real KV caches of a model: size, error and perplexity change.
+    #[cfg(feature = "model")]
+    CodecEval(codec_eval::CodecEvalArgs),
     /// The main job on embedded defaults: start a server, import a KV cache, export it back, check, report.
     Demo(demo::DemoArgs),
 }
@@ -52,6 +59,9 @@ enum Command {
 enum BenchCommand {
     /// Get throughput from the RAM tier over loopback, beside raw TCP and Redis.
     Get(bench_get::BenchGetArgs),
+    /// Codec profiles side by side on a real KV cache: ratio, error, Δppl, encode/decode GB/s.
+    #[cfg(feature = "model")]
+    Codec(bench_codec::BenchCodecArgs),
 }
 
 /// How to reach the server.
@@ -98,6 +108,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Stat(a) => stat::stat(a).await,
         Command::Bench(BenchCommand::Get(a)) => bench_get::run(a).await,
+        // CPU-bound for minutes: off the async runtime.
+        #[cfg(feature = "model")]
+        Command::Bench(BenchCommand::Codec(a)) => {
+            tokio::task::spawn_blocking(move || bench_codec::run(a)).await?
+        }
+        #[cfg(feature = "model")]
+        Command::CodecEval(a) => tokio::task::spawn_blocking(move || codec_eval::run(a)).await?,
         Command::Demo(a) => demo::run(a).await,
         #[cfg(feature = "model")]
         Command::Warmup(a) => warmup::run(a).await,
