@@ -374,3 +374,22 @@ fn warmup_then_ask_through_a_real_server() {
     );
     assert_eq!(answer(&cached), answer(&fresh));
 }
+
+/// The README's main command, end to end (a short answer to keep it quick).
+#[test]
+fn demo_runs_end_to_end() {
+    let model = model_path();
+    let doc = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/texts/gettysburg-address.txt");
+    let text = run_ok(&[
+        "demo",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--input",
+        doc.to_str().expect("utf-8 path"),
+        "--max-new",
+        "8",
+    ]);
+    assert!(text.contains("answers  : identical, token for token"), "{text}");
+    assert!(text.contains("bit-exact with the model's cache: yes"), "{text}");
+    assert!(text.contains("cached (kvault RAM)        336"), "{text}");
+}

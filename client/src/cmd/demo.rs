@@ -1,227 +1,231 @@
-//! `kvault demo`: the main job on embedded defaults. Starts a real
-//! `kvault-server` process in a temporary directory, writes a KV cache file,
-//! imports it, exports it back, checks it bit for bit, and reports figures.
+//! `kvault demo`: the main job on embedded defaults, with a real model.
 //!
-//! Until the model runner lands, the KV cache is synthetic (SmolLM2-135M's
-//! shape, with per-channel offsets and smooth token-to-token drift like real
-//! keys and values); the demo says so.
+//! Starts a real `kvault-server` process in a temporary directory, asks
+//! SmolLM2-135M a question about a bundled public-domain text with nothing
+//! cached (the model prefills the whole document), warms the document up
+//! into kvault, asks again (the document's KV cache now comes from kvault),
+//! checks that both answers are identical, exports the stored cache and
+//! checks it bit for bit against the one the model computed, and prints the
+//! TTFT table and storage figures.
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
 use kvault_client::kv_file;
 use kvault_client::local_server::LocalServer;
-use kvault_codec::{Dtype, KvShape, KvTensor, Profile};
-use rand::{Rng, SeedableRng};
+use kvault_client::model::LlamaModel;
+use kvault_codec::{Dtype, Profile};
 
 use super::ServerArgs;
-use super::transfer::{ExportArgs, ImportArgs, export_file, import_file};
+use super::ask::{AskReport, ask};
+use super::transfer::{ExportArgs, export_file};
+use super::warmup::{WarmupArgs, default_model_id, print_report, read_documents, warmup};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Tokens in the demo prefix (not a multiple of 256, so a partial chunk is stored too).
-    #[arg(long, default_value_t = 1000)]
-    pub tokens: u32,
-    /// Keep the working directory (KV files, server data) here instead of a temporary one.
+    /// GGUF model (scripts/fetch-model.sh fetches SmolLM2-135M-Instruct).
+    #[arg(
+        long,
+        env = "KVAULT_MODEL",
+        default_value = ".models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    pub model: PathBuf,
+    /// The document warmed up and asked about.
+    #[arg(long, default_value = "data/texts/gettysburg-address.txt")]
+    pub input: PathBuf,
+    /// The question.
+    #[arg(
+        long,
+        default_value = "Who gave this speech, and what does he ask the living to do?"
+    )]
+    pub prompt: String,
+    /// Most answer tokens.
+    #[arg(long, default_value_t = 48)]
+    pub max_new: usize,
+    /// Codec profile of the stored cache.
+    #[arg(long, default_value = "lossless")]
+    pub profile: Profile,
+    /// Keep the working directory (server data, KV dump) here instead of a temporary one.
     #[arg(long)]
     pub keep: Option<PathBuf>,
 }
 
-/// SmolLM2-135M's KV shape with structure like a real cache: each channel
-/// has its own offset and scale (a few are outliers), and each token drifts
-/// smoothly from the previous one.
-fn synthetic_kv(tokens: u32, seed: u64) -> anyhow::Result<KvTensor> {
-    let shape = KvShape {
-        layers: 30,
-        tokens,
-        kv_heads: 3,
-        head_dim: 64,
-    };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut out = Vec::with_capacity(shape.byte_len(Dtype::F16)?);
-    let width = (shape.kv_heads * shape.head_dim) as usize;
-    for _layer in 0..shape.layers {
-        for kv in 0..2 {
-            let offsets: Vec<f32> = (0..width)
-                .map(|c| {
-                    if kv == 0 && c % 17 == 3 {
-                        rng.random_range(-8.0..8.0)
-                    } else {
-                        rng.random_range(-0.5..0.5)
-                    }
-                })
-                .collect();
-            let scales: Vec<f32> = (0..width).map(|_| rng.random_range(0.2..1.5)).collect();
-            let mut state = vec![0f32; width];
-            for _t in 0..tokens {
-                for c in 0..width {
-                    state[c] = 0.8 * state[c] + 0.6 * (rng.random::<f32>() - 0.5);
-                    let x = offsets[c] + scales[c] * state[c];
-                    out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes());
-                }
-            }
-        }
-    }
-    Ok(KvTensor::new(shape, Dtype::F16, out)?)
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
-fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
+fn ttft_row(name: &str, r: &AskReport) {
+    let t = &r.ttft;
+    println!(
+        "  {name:<22} {:>7} {:>9.1} {:>8.1} {:>8.1} {:>9.1} {:>10.1} {:>9.1} ms",
+        r.cached_tokens,
+        ms(t.lookup),
+        ms(t.fetch),
+        ms(t.decode),
+        ms(t.prefill),
+        ms(t.first_token),
+        ms(t.total())
+    );
 }
 
 pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
+    if !a.model.is_file() {
+        bail!(
+            "model {} not found: run scripts/fetch-model.sh (scripts/demo.sh does) or pass --model",
+            a.model.display()
+        );
+    }
     let tmp = tempfile::tempdir()?;
     let work = a.keep.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&work)?;
-    let data_dir = work.join("server-data");
     println!("== kvault demo (work dir {})", work.display());
-    let server = LocalServer::start(&data_dir, &["--ram-bytes", "512MiB", "--metrics", "127.0.0.1:0"])
+    let server = LocalServer::start(&work.join("server-data"), &["--ram-bytes", "512MiB"])
         .context("starting kvault-server")?;
     println!(
-        "server      : kvault-server pid {:?} on {}",
+        "server   : kvault-server pid {:?} on {}",
         server.pid(),
         server.url()
     );
-
-    let input = work.join("prefix.safetensors");
-    let kv = synthetic_kv(a.tokens, 42)?;
-    let ids: Vec<u32> = (0..a.tokens).map(|i| (i * 7919 + 13) % 49_152).collect();
-    kv_file::write(&input, &kv, &ids)?;
-    println!(
-        "kv cache    : {} tokens x 30 layers x 3 KV heads x 64 dims, f16 (synthetic, SmolLM2-135M shape) -> {}",
-        a.tokens,
-        input.display()
-    );
-
     let srv = ServerArgs {
         server: server.url(),
         tenant: None,
         token: None,
-        timeout: 60,
+        timeout: 120,
     };
-    let model_id = "HuggingFaceTB/SmolLM2-135M-Instruct".to_string();
-    let import = ImportArgs {
-        server: srv.clone(),
-        model_id: model_id.clone(),
-        file: input.clone(),
-        profile: Profile::Lossless,
-        chunk_tokens: 256,
-        concurrency: 4,
-        json: false,
+    let client = srv.connect().await?;
+
+    let t = std::time::Instant::now();
+    let model = LlamaModel::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let c = model.config();
+    println!(
+        "model    : {} ({} layers, {} heads / {} KV heads x {} dims, rope base {}, context {}), loaded in {:.1} s",
+        a.model.display(),
+        c.layers,
+        c.heads,
+        c.kv_heads,
+        c.head_dim,
+        c.rope_theta,
+        c.context_length,
+        t.elapsed().as_secs_f64()
+    );
+    let docs = read_documents(std::slice::from_ref(&a.input))?;
+    let Some(doc) = docs.first() else {
+        bail!("{}: no document", a.input.display());
     };
-    let (s, put_secs) = import_file(&import).await?;
-    println!(
-        "import      : chunks={} new={} stored_bytes={} fp16_bytes={}",
-        s.chunks, s.new, s.stored_bytes, s.fp16_bytes
-    );
-    let (again, _) = import_file(&import).await?;
-    println!(
-        "re-import   : chunks={} new={} (stored chunks are not sent again)",
-        again.chunks, again.new
-    );
-    if again.new != 0 {
-        bail!("re-import stored {} chunks again", again.new);
+    let ids = model.encode_document(&doc.text)?;
+    let model_id = default_model_id(&a.model);
+    let layout = model.layout(&model_id, 256);
+    println!("document : {} ({} tokens)", a.input.display(), ids.len());
+    println!("question : {}", a.prompt);
+
+    println!("\n-- 1. ask, nothing cached: the model prefills the whole document");
+    let cold = ask(&model, &client, &layout, &ids, &a.prompt, a.max_new, false).await?;
+    println!("answer   : {}", cold.text.trim());
+    if cold.cached_tokens != 0 {
+        bail!("a fresh server already held {} tokens", cold.cached_tokens);
     }
 
-    let out = work.join("exported.safetensors");
-    let export = ExportArgs {
+    println!("\n-- 2. warm the document up into kvault");
+    let dump = work.join("document-kv.safetensors");
+    let wa = WarmupArgs {
+        server: srv.clone(),
+        model: a.model.clone(),
+        model_id: Some(model_id.clone()),
+        input: vec![a.input.clone()],
+        profile: a.profile,
+        chunk_tokens: 256,
+        dump_kv: Some(dump.clone()),
+        quiet: true,
+    };
+    let w = warmup(&wa, &model, &client, &docs).await?;
+    print_report(&w);
+
+    println!("\n-- 3. ask again: the document's KV cache comes from kvault");
+    let warm = ask(&model, &client, &layout, &ids, &a.prompt, a.max_new, false).await?;
+    println!("answer   : {}", warm.text.trim());
+    if warm.cached_tokens != ids.len() {
+        bail!(
+            "kvault held {} of {} tokens after warmup",
+            warm.cached_tokens,
+            ids.len()
+        );
+    }
+    let same = warm.answer == cold.answer;
+    println!(
+        "answers  : {}",
+        if same {
+            "identical, token for token"
+        } else {
+            "DIFFERENT"
+        }
+    );
+
+    println!("\n-- 4. export the stored cache and compare it with the model's");
+    let exported = work.join("exported.safetensors");
+    let r = export_file(&ExportArgs {
         server: srv.clone(),
         model_id: model_id.clone(),
-        ids: input.clone(),
-        out: out.clone(),
+        ids: dump.clone(),
+        out: exported.clone(),
         dtype: Dtype::F16,
-    };
-    let r = export_file(&export).await?;
-    let back = kv_file::read(&out)?;
-    let exact = back.kv.data() == kv.data() && back.ids == ids;
+    })
+    .await?;
+    let (want, got) = (kv_file::read(&dump)?, kv_file::read(&exported)?);
+    let exact = want.kv.data() == got.kv.data() && want.ids == got.ids;
     println!(
-        "export      : found {} of {} tokens in {} chunks; bit-exact: {}",
+        "export   : {} of {} tokens in {} chunks, {:.1} ms; bit-exact with the model's cache: {}",
         r.tokens_found,
         r.tokens_asked,
         r.chunks,
+        r.seconds * 1e3,
         if exact { "yes" } else { "NO" }
     );
-    if !exact || r.tokens_found != a.tokens as usize {
-        bail!("exported cache differs from the imported one");
-    }
 
-    // A longer prompt that starts with the cached prefix: the longest cached prefix is found.
-    let longer = work.join("longer.safetensors");
-    let mut ids2 = ids.clone();
-    ids2.extend(0..300u32);
-    let kv2 = synthetic_kv(ids2.len() as u32, 7)?;
-    kv_file::write(&longer, &kv2, &ids2)?;
-    let r2 = export_file(&ExportArgs {
-        ids: longer,
-        out: work.join("partial.safetensors"),
-        ..export
-    })
-    .await?;
-    let full_chunks = (a.tokens / 256) as usize;
-    println!(
-        "longer ask  : {} tokens asked, {} found ({} whole chunks; the partial last chunk is keyed by its own tokens)",
-        r2.tokens_asked, r2.tokens_found, full_chunks
-    );
-    if r2.tokens_found != full_chunks * 256 {
-        bail!(
-            "longest-prefix lookup found {} tokens, expected {}",
-            r2.tokens_found,
-            full_chunks * 256
-        );
-    }
-
-    let client = srv.connect().await?;
     let stat = client.stat().await?;
-    let metrics = server.metrics.map(scrape).transpose()?.unwrap_or_default();
-    let stopped = server.stop()?;
+    let stopped = stop(server)?;
 
-    println!();
-    println!("figures");
-    println!("  fp16 size            {:>12} bytes", s.fp16_bytes);
+    println!("\nTTFT (time to first token), {} tokens of document", ids.len());
     println!(
-        "  stored (lossless)    {:>12} bytes   ratio {:.3}x vs fp16",
-        s.stored_bytes,
-        s.fp16_bytes as f64 / s.stored_bytes as f64
+        "  {:<22} {:>7} {:>9} {:>8} {:>8} {:>9} {:>10} {:>12}",
+        "", "cached", "lookup", "fetch", "decode", "prefill", "1st token", "TTFT"
     );
+    ttft_row("cold (recompute)", &cold);
+    ttft_row("cached (kvault RAM)", &warm);
     println!(
-        "  import (encode+put)  {:>12.1} MB/s of fp16",
-        s.fp16_bytes as f64 / put_secs / 1e6
+        "  speedup {:.1}x; NVMe tier: not built yet; longer prefixes: kvault bench ttft",
+        cold.ttft.total().as_secs_f64() / warm.ttft.total().as_secs_f64().max(1e-9)
     );
+    println!("\nstorage");
     println!(
-        "  export (get+decode)  {:>12.1} MB/s of fp16",
-        s.fp16_bytes as f64 / r.seconds / 1e6
+        "  stored ({})  {} bytes for {} bytes of fp16 KV (ratio {:.3}x)",
+        a.profile.name(),
+        w.bytes_stored,
+        w.fp16_bytes,
+        w.fp16_bytes as f64 / w.bytes_stored.max(1) as f64
     );
     for t in &stat.tiers {
-        let reads = t.hits + t.misses;
         println!(
-            "  ram tier             {:>12} bytes in {} chunks, hits {} / {} reads",
-            t.bytes, t.chunks, t.hits, reads
+            "  ram tier  {} bytes in {} chunks, hits {} / {} reads",
+            t.bytes,
+            t.chunks,
+            t.hits,
+            t.hits + t.misses
         );
     }
-    let shown: Vec<&str> = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("kvault_tier_hits_total")
-                || l.starts_with("kvault_put_bytes_total")
-                || l.starts_with("kvault_requests_total{code=\"ok\",method=\"put\"}")
-        })
-        .collect();
-    for l in shown {
-        println!("  metric               {l}");
-    }
     println!(
-        "  server stop          {}",
+        "  server stop  {}",
         if stopped { "graceful (SIGTERM)" } else { "forced" }
     );
-    if !stopped {
-        bail!("kvault-server did not shut down gracefully");
+    if !same || !exact || !stopped {
+        bail!(
+            "demo checks failed (answers identical: {same}, export exact: {exact}, graceful stop: {stopped})"
+        );
     }
-    println!("\nOK: stored, fetched back bit-exact, longest prefix found.");
+    println!("\nOK: answered from recompute and from kvault identically; stored cache bit-exact.");
     Ok(())
+}
+
+fn stop(server: LocalServer) -> anyhow::Result<bool> {
+    Ok(server.stop()?)
 }

@@ -6,7 +6,10 @@ mod ask;
 mod bench_codec;
 mod bench_get;
 #[cfg(feature = "model")]
+mod bench_ttft;
+#[cfg(feature = "model")]
 mod codec_eval;
+#[cfg(feature = "model")]
 mod demo;
 mod stat;
 mod transfer;
@@ -51,7 +54,8 @@ enum Command {
     /// Every codec profile on real KV caches of a model: size, error and perplexity change.
     #[cfg(feature = "model")]
     CodecEval(codec_eval::CodecEvalArgs),
-    /// The main job on embedded defaults: start a server, import a KV cache, export it back, check, report.
+    /// The main job: start a server, ask SmolLM2 about a bundled text cold, warm it up, ask again from kvault, print TTFT.
+    #[cfg(feature = "model")]
     Demo(demo::DemoArgs),
 }
 
@@ -62,6 +66,9 @@ enum BenchCommand {
     /// Codec profiles side by side on a real KV cache: ratio, error, Δppl, encode/decode GB/s.
     #[cfg(feature = "model")]
     Codec(bench_codec::BenchCodecArgs),
+    /// Time to first token with a prefix recomputed vs loaded from kvault (512, 2048, 8192 tokens).
+    #[cfg(feature = "model")]
+    Ttft(bench_ttft::BenchTtftArgs),
 }
 
 /// How to reach the server.
@@ -115,6 +122,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         #[cfg(feature = "model")]
         Command::CodecEval(a) => tokio::task::spawn_blocking(move || codec_eval::run(a)).await?,
+        #[cfg(feature = "model")]
+        Command::Bench(BenchCommand::Ttft(a)) => bench_ttft::run(a).await,
+        #[cfg(feature = "model")]
         Command::Demo(a) => demo::run(a).await,
         #[cfg(feature = "model")]
         Command::Warmup(a) => warmup::run(a).await,
