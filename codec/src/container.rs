@@ -284,7 +284,7 @@ impl<'a> Container<'a> {
                 got: out.len(),
             });
         }
-        crate::decode_layer(self, i, out_dtype, out, &mut crate::profile::Scratch::default())
+        crate::with_scratch(|scratch| crate::decode_layer(self, i, out_dtype, out, scratch))
     }
 }
 

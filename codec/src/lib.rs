@@ -1,8 +1,10 @@
 //! `kvault-codec` turns KV-cache tensors into compact, self-describing, checksummed blobs
 //! and back. It holds the KV tensor model ([`KvShape`], [`Dtype`], [`KvView`], [`KvTensor`]
 //! in `tensor.rs`), the container format ([`Container`], [`slice_layers`] in
-//! `container.rs`, byte layout documented there) and the codec profiles (one module per
-//! profile under `profile/`, today only `lossless`).
+//! `container.rs`, byte layout documented there), the entropy coder (`rans.rs`) and the
+//! codec profiles (one module per profile under `profile/`: `lossless`, `q8`,
+//! `cachegen-baseline` for comparison, and the `kv-hi`/`kv-mid`/`kv-lo` quantize + rANS
+//! profiles, `kv-mid` being [`Profile::DEFAULT_LOSSY`]).
 //!
 //! It is not a storage layer: no I/O, no async, no knowledge of keys, tenants or the wire
 //! protocol. Every function works on byte slices in memory, and every parser of untrusted
@@ -45,10 +47,10 @@ pub fn encode(view: KvView<'_>, profile: Profile) -> Result<Vec<u8>, CodecError>
         .data()
         .par_chunks(layer_bytes)
         .enumerate()
-        .map_init(Scratch::default, |scratch, (i, layer)| {
+        .map(|(i, layer)| {
             // `i < shape.layers <= LIMITS.max_layers`, so it fits in u32.
             let geom = geom(&shape, i as u32, shape.layers);
-            profile.encode_layer(layer, dtype, &params, geom, scratch)
+            with_scratch(|scratch| profile.encode_layer(layer, dtype, &params, geom, scratch))
         })
         .collect::<Result<_, _>>()?;
     let header = Header {
@@ -103,13 +105,27 @@ pub fn decode_into(blob: &[u8], out_dtype: Dtype, out: &mut [u8]) -> Result<(), 
 /// Decodes every layer of `c` into `out` (sized for `out_dtype`), one rayon task per layer.
 fn decode_layers(c: &Container<'_>, out_dtype: Dtype, out: &mut [u8]) -> Result<(), CodecError> {
     let layer_bytes = c.header().shape().layer_byte_len(out_dtype)?;
-    out.par_chunks_mut(layer_bytes).enumerate().try_for_each_init(
-        Scratch::default,
-        |scratch, (i, layer_out)| {
+    out.par_chunks_mut(layer_bytes)
+        .enumerate()
+        .try_for_each(|(i, layer_out)| {
             // `i < layer_count <= LIMITS.max_layers`, so it fits in u32.
-            decode_layer(c, i as u32, out_dtype, layer_out, scratch)
-        },
-    )
+            with_scratch(|scratch| decode_layer(c, i as u32, out_dtype, layer_out, scratch))
+        })
+}
+
+thread_local! {
+    /// Per-thread working memory, kept between calls: fresh buffers for every layer cost
+    /// page faults that dominated small chunks and serialised threads in the kernel. It
+    /// holds at most about one layer of f32 values per thread that ever coded a layer.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch (a fresh one if it is already in use).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Scratch::default()),
+    })
 }
 
 /// Decodes layer `i` (relative) of `c` into `out`, exactly one layer in `out_dtype`.

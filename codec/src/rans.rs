@@ -28,7 +28,7 @@ pub const PROB_SCALE: u32 = 1 << PROB_BITS;
 /// Largest alphabet a table may have.
 pub const MAX_SYMBOLS: usize = 64;
 /// Interleaved states per stream.
-pub const LANES: usize = 4;
+pub const LANES: usize = 8;
 /// Lower bound of the normalised state interval (and the encoder's initial state).
 const RANS_L: u32 = 1 << 16;
 

@@ -258,12 +258,17 @@ pub(crate) fn load_f32(src: &[u8], dtype: Dtype, dst: &mut Vec<f32>) {
     match dtype {
         Dtype::F16 => {
             // Through an f16 slice: the slice conversion is vectorised (F16C when present).
-            let halfs: Vec<f16> = src
-                .chunks_exact(2)
-                .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
-                .collect();
-            dst.resize(halfs.len(), 0.0);
-            halfs.convert_to_f32_slice(dst);
+            // One row-sized staging buffer at a time keeps it in cache.
+            let mut halfs = [f16::ZERO; 1024];
+            for part in src.chunks(2 * halfs.len()) {
+                let n = part.len() / 2;
+                for (h, b) in halfs.iter_mut().zip(part.chunks_exact(2)) {
+                    *h = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+                }
+                let start = dst.len();
+                dst.resize(start + n, 0.0);
+                halfs[..n].convert_to_f32_slice(&mut dst[start..]);
+            }
         }
         Dtype::Bf16 => dst.extend(
             src.chunks_exact(2)
