@@ -50,7 +50,10 @@ pub(super) fn real_kv(
     prefix_tokens: usize,
     cont_tokens: usize,
 ) -> anyhow::Result<RealKv> {
-    let ids = model.encode_document(text)?;
+    // Not `encode_document`: that refuses texts longer than the context, and only the
+    // first `prefix_tokens + cont_tokens` tokens are used.
+    let mut ids = model.tokenizer().encode(text);
+    ids.truncate(prefix_tokens + cont_tokens);
     if ids.len() < cont_tokens + 16 {
         bail!(
             "text has {} tokens, need at least {}",
