@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh redis-server
+scripts/deps.sh librocksdb-dev libclang-dev
 cargo build --release --bins --quiet
 exec target/release/kvault bench get "$@"

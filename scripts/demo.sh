@@ -6,6 +6,7 @@
 # table and check that both answers and the stored cache are exact.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/deps.sh librocksdb-dev libclang-dev
 cargo build --release --bins --quiet
 model="$(scripts/fetch-model.sh)"
 exec target/release/kvault demo --model "$model" "$@"

@@ -4,6 +4,7 @@
 # binaries are built first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/deps.sh librocksdb-dev libclang-dev
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --bins --quiet

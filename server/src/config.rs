@@ -71,6 +71,30 @@ pub struct Config {
     #[arg(long, env = "KVAULT_METRICS")]
     pub metrics: Option<SocketAddr>,
 
+    /// Byte budget of the NVMe tier (segment files). 0 turns the tier off (RAM only).
+    #[arg(long, default_value = "0", env = "KVAULT_NVME_BYTES")]
+    pub nvme_bytes: ByteSize,
+
+    /// Directory of the NVMe tier's segments and RocksDB index (default: DATA_DIR/nvme).
+    #[arg(long)]
+    pub nvme_dir: Option<PathBuf>,
+
+    /// Segment file size (default: 256MiB, or an eighth of --nvme-bytes when that is smaller).
+    #[arg(long)]
+    pub segment_bytes: Option<ByteSize>,
+
+    /// I/O engine of the NVMe tier: io_uring (falls back to psync where unavailable) or pread/pwrite.
+    #[arg(long, value_enum, default_value = "uring")]
+    pub io_engine: crate::io::EngineKind,
+
+    /// io_uring queue depth (reads and writes in flight).
+    #[arg(long, default_value_t = 64)]
+    pub io_depth: u32,
+
+    /// Milliseconds between compactor passes over mostly-dead segments.
+    #[arg(long, default_value_t = 2000)]
+    pub compact_interval_ms: u64,
+
     /// File of `<token> <tenant>` lines. When given, every request needs `authorization: Bearer <token>`
     /// and acts for that token's tenant; otherwise the tenant comes from `x-kvault-tenant` (default `default`).
     #[arg(long)]

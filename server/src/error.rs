@@ -34,6 +34,9 @@ pub enum ServerError {
     /// A chunk or request larger than the server accepts.
     #[error("too large: {0}")]
     TooLarge(String),
+    /// The disk is full: the put failed and nothing was stored.
+    #[error("no space left: {0}")]
+    NoSpace(String),
     /// Missing or unknown credentials.
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
@@ -54,7 +57,7 @@ impl From<ServerError> for Status {
             | ServerError::ChunkShape(_)
             | ServerError::Protocol(_) => Status::invalid_argument(msg),
             ServerError::LayoutMismatch { .. } => Status::failed_precondition(msg),
-            ServerError::TooLarge(_) => Status::resource_exhausted(msg),
+            ServerError::TooLarge(_) | ServerError::NoSpace(_) => Status::resource_exhausted(msg),
             ServerError::Unauthenticated(_) => Status::unauthenticated(msg),
             ServerError::Storage(_) => Status::internal(msg),
             ServerError::ShuttingDown => Status::unavailable(msg),

@@ -12,6 +12,8 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod index;
+pub mod io;
 pub mod metrics;
 pub mod namespace;
 pub mod server;

@@ -43,6 +43,12 @@ pub struct Metrics {
     pub put_noops: IntCounter,
     /// Puts refused, by reason.
     pub put_rejected: IntCounterVec,
+    /// NVMe records dropped because they failed their checks (torn, truncated, corrupted).
+    pub nvme_corrupt: IntCounter,
+    /// Bytes the NVMe compactor copied forward.
+    pub nvme_compacted_bytes: IntCounter,
+    tier_segments: IntGaugeVec,
+    tier_live: IntGaugeVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -102,6 +108,19 @@ impl Metrics {
             get_bytes: single("get_bytes_total", "Chunk bytes sent by Get"),
             put_noops: single("put_noops_total", "Puts of keys already stored"),
             put_rejected,
+            nvme_corrupt: single(
+                "nvme_corrupt_total",
+                "NVMe records dropped after failing their checksum or header checks",
+            ),
+            nvme_compacted_bytes: single(
+                "nvme_compacted_bytes_total",
+                "Bytes copied forward by the NVMe compactor",
+            ),
+            tier_segments: gauge("tier_segments", "Segment files of a tier"),
+            tier_live: gauge(
+                "tier_live_bytes",
+                "Bytes of live chunks in a tier (the rest is reclaimable)",
+            ),
             registry,
         }
     }
@@ -135,6 +154,8 @@ impl Metrics {
                 .with_label_values(&l)
                 .set(s.capacity_bytes as i64);
             self.tier_chunks.with_label_values(&l).set(s.chunks as i64);
+            self.tier_segments.with_label_values(&l).set(s.segments as i64);
+            self.tier_live.with_label_values(&l).set(s.live_bytes as i64);
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.

@@ -15,10 +15,13 @@ use tokio::sync::watch;
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::index::Index;
+use crate::index::rocks::RocksIndex;
 use crate::metrics::Metrics;
 use crate::namespace::NamespaceRegistry;
 use crate::service::KvService;
 use crate::store::Store;
+use crate::tier::nvme::{NvmeConfig, NvmeCounters, NvmeTier};
 use crate::tier::ram::RamTier;
 use crate::tier::{Tier, TierKind};
 
@@ -34,6 +37,39 @@ pub struct Server {
 
 fn startup(what: &str, e: impl std::fmt::Display) -> ServerError {
     ServerError::Storage(format!("{what}: {e}"))
+}
+
+/// Opens the NVMe tier under `--nvme-dir` (default DATA_DIR/nvme).
+fn open_nvme(config: &Config, metrics: &Metrics) -> Result<Arc<dyn Tier>, ServerError> {
+    let align = crate::io::ALIGN as u64;
+    let cap = config.nvme_bytes.0;
+    let seg = config.segment_bytes.map_or((256u64 << 20).min(cap / 8), |b| b.0);
+    // Whole pages, and room for a few records per segment.
+    let seg = seg.max(16 * align) / align * align;
+    let dir = config
+        .nvme_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("nvme"));
+    let index: Arc<dyn Index> = Arc::new(RocksIndex::open(&dir.join("index"))?);
+    let engine = crate::io::open_engine(config.io_engine, config.io_depth);
+    let nvme = NvmeTier::open(
+        NvmeConfig {
+            dir,
+            capacity: cap,
+            segment_bytes: seg,
+            engine: config.io_engine,
+            queue_depth: config.io_depth,
+            compact_interval: std::time::Duration::from_millis(config.compact_interval_ms.max(10)),
+        },
+        index,
+        engine,
+        metrics.tier_counters(TierKind::Nvme),
+        NvmeCounters {
+            corrupt: metrics.nvme_corrupt.clone(),
+            compacted_bytes: metrics.nvme_compacted_bytes.clone(),
+        },
+    )?;
+    Ok(Arc::new(nvme))
 }
 
 impl Server {
@@ -57,8 +93,12 @@ impl Server {
             shards,
             metrics.tier_counters(TierKind::Ram),
         ));
+        let mut tiers = vec![ram];
+        if config.nvme_bytes.0 > 0 {
+            tiers.push(open_nvme(&config, &metrics)?);
+        }
         let namespaces = NamespaceRegistry::open(&config.data_dir)?;
-        let store = Arc::new(Store::new(vec![ram], namespaces, max_chunk));
+        let store = Arc::new(Store::new(tiers, namespaces, max_chunk));
         let grpc = TcpListener::bind(config.listen)
             .await
             .map_err(|e| startup(&format!("bind {}", config.listen), e))?;

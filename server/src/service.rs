@@ -356,6 +356,8 @@ impl KvService {
                 hits: s.hits,
                 misses: s.misses,
                 evictions: s.evictions,
+                segments: s.segments,
+                live_bytes: s.live_bytes,
             })
             .collect();
         Ok(pb::StatResponse {

@@ -81,14 +81,22 @@ impl Store {
         self.max_chunk_bytes.min(tier_max)
     }
 
-    /// Reads a chunk from the fastest tier holding it under `ns`.
+    /// Reads a chunk from the fastest tier holding it under `ns`; a hit in a
+    /// slower tier is promoted into the faster ones (S3-FIFO in the RAM tier
+    /// keeps such one-off reads from displacing its hot set).
     pub async fn get(&self, id: &ChunkId, ns: &NamespaceId) -> Result<Option<(TierKind, StoredChunk)>> {
-        for tier in &self.tiers {
+        for (i, tier) in self.tiers.iter().enumerate() {
             if let Some(chunk) = tier.get(id).await? {
                 // Same key stored under another namespace: not this caller's chunk.
-                if &chunk.ns == ns {
-                    return Ok(Some((tier.kind(), chunk)));
+                if &chunk.ns != ns {
+                    continue;
                 }
+                for faster in &self.tiers[..i] {
+                    if faster.max_chunk_bytes() >= chunk.blob.len() as u64 {
+                        faster.insert(id.clone(), chunk.clone()).await?;
+                    }
+                }
+                return Ok(Some((tier.kind(), chunk)));
             }
         }
         Ok(None)
@@ -99,24 +107,27 @@ impl Store {
         self.tiers.iter().find(|t| t.locate(id, ns)).map(|t| t.kind())
     }
 
-    /// Stores a verified chunk in the fastest tier that can hold it. Returns
-    /// false, doing nothing, when the key is already stored under `ns`.
+    /// Stores a verified chunk in every tier that can hold it, slowest
+    /// (durable) first: when an NVMe tier is configured the put returns only
+    /// after the chunk and its index entry are durable there, and a failed
+    /// durable write leaves no copy anywhere. Returns false, doing nothing,
+    /// when the key is already stored under `ns`.
     pub async fn put(&self, id: ChunkId, ns: NamespaceId, blob: Bytes) -> Result<bool> {
         if self.locate(&id, &ns).is_some() {
             return Ok(false);
         }
         let len = blob.len() as u64;
-        let tier = self
-            .tiers
-            .iter()
-            .find(|t| t.max_chunk_bytes() >= len)
-            .ok_or_else(|| {
-                ServerError::TooLarge(format!(
-                    "chunk of {len} bytes exceeds what any tier holds ({} bytes)",
-                    self.max_chunk_bytes()
-                ))
-            })?;
-        tier.insert(id, StoredChunk { ns, blob }).await?;
+        let targets: Vec<&Arc<dyn Tier>> = self.tiers.iter().filter(|t| t.max_chunk_bytes() >= len).collect();
+        if targets.is_empty() {
+            return Err(ServerError::TooLarge(format!(
+                "chunk of {len} bytes exceeds what any tier holds ({} bytes)",
+                self.max_chunk_bytes()
+            )));
+        }
+        let chunk = StoredChunk { ns, blob };
+        for tier in targets.iter().rev() {
+            tier.insert(id.clone(), chunk.clone()).await?;
+        }
         Ok(true)
     }
 

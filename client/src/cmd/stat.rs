@@ -30,6 +30,8 @@ pub async fn stat(a: StatArgs) -> anyhow::Result<()> {
                     "hits": t.hits,
                     "misses": t.misses,
                     "evictions": t.evictions,
+                    "segments": t.segments,
+                    "live_bytes": t.live_bytes,
                 })
             })
             .collect();
@@ -47,8 +49,18 @@ pub async fn stat(a: StatArgs) -> anyhow::Result<()> {
         s.version, s.uptime_seconds, s.namespaces
     );
     println!(
-        "{:<6} {:>14} {:>14} {:>6} {:>10} {:>10} {:>10} {:>9} {:>10}",
-        "tier", "bytes", "capacity", "fill", "chunks", "hits", "misses", "hit rate", "evictions"
+        "{:<6} {:>14} {:>14} {:>6} {:>10} {:>10} {:>10} {:>9} {:>10} {:>9} {:>9}",
+        "tier",
+        "bytes",
+        "capacity",
+        "fill",
+        "chunks",
+        "hits",
+        "misses",
+        "hit rate",
+        "evictions",
+        "segments",
+        "seg live"
     );
     for t in &s.tiers {
         let fill = if t.capacity_bytes > 0 {
@@ -62,8 +74,18 @@ pub async fn stat(a: StatArgs) -> anyhow::Result<()> {
         } else {
             "-".into()
         };
+        // Segment fill: the share of segment bytes that live chunks occupy
+        // (the rest is dead space the compactor reclaims).
+        let (segs, seg_live) = if t.segments > 0 {
+            (
+                t.segments.to_string(),
+                format!("{:.1}%", 100.0 * t.live_bytes as f64 / t.bytes.max(1) as f64),
+            )
+        } else {
+            ("-".into(), "-".into())
+        };
         println!(
-            "{:<6} {:>14} {:>14} {:>5.1}% {:>10} {:>10} {:>10} {:>9} {:>10}",
+            "{:<6} {:>14} {:>14} {:>5.1}% {:>10} {:>10} {:>10} {:>9} {:>10} {:>9} {:>9}",
             tier_name(t.tier),
             t.bytes,
             t.capacity_bytes,
@@ -72,7 +94,9 @@ pub async fn stat(a: StatArgs) -> anyhow::Result<()> {
             t.hits,
             t.misses,
             rate,
-            t.evictions
+            t.evictions,
+            segs,
+            seg_live
         );
     }
     Ok(())

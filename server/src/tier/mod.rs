@@ -4,6 +4,7 @@
 //! The trait is small on purpose: the NVMe tier and test tiers plug in beside
 //! the RAM tier without the store knowing how they keep bytes.
 
+pub mod nvme;
 pub mod ram;
 
 use std::fmt;
@@ -97,6 +98,10 @@ pub struct TierStats {
     pub misses: u64,
     /// Chunks dropped to stay in budget.
     pub evictions: u64,
+    /// Segment files (NVMe tier; 0 elsewhere).
+    pub segments: u64,
+    /// Bytes of live chunks; `bytes - live_bytes` is dead space awaiting reclamation.
+    pub live_bytes: u64,
 }
 
 /// One storage tier.

@@ -112,6 +112,8 @@ impl Tier for RamTier {
             hits: self.counters.hits.get(),
             misses: self.counters.misses.get(),
             evictions: self.counters.evictions.get(),
+            segments: 0,
+            live_bytes: self.cache.usage() as u64,
         }
     }
 }
