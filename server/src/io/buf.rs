@@ -1,7 +1,9 @@
 //! Page-aligned heap buffers, as O_DIRECT requires.
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::collections::HashMap;
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 use super::ALIGN;
 
@@ -87,9 +89,90 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Recycles aligned buffers by size class, so that hot reads and writes do
+/// not pay for fresh zeroed pages (page faults and zeroing cost as much as
+/// the device transfer for MiB-sized records).
+pub struct BufPool {
+    classes: Mutex<HashMap<usize, Vec<AlignedBuf>>>,
+    max_bytes: usize,
+    held: Mutex<usize>,
+}
+
+/// Capacity class of a request: within 1/8 of the next power of two.
+fn class_of(len: usize) -> usize {
+    let n = len.max(ALIGN);
+    let step = (n.next_power_of_two() / 8).max(ALIGN);
+    n.div_ceil(step) * step
+}
+
+impl BufPool {
+    /// A pool keeping at most `max_bytes` of idle buffers.
+    pub fn new(max_bytes: usize) -> BufPool {
+        BufPool {
+            classes: Mutex::new(HashMap::new()),
+            max_bytes,
+            held: Mutex::new(0),
+        }
+    }
+
+    /// A buffer of `len` bytes. Recycled buffers hold stale bytes: callers
+    /// overwrite all `len` of them (a full read, or an encoded record).
+    pub fn take(&self, len: usize) -> AlignedBuf {
+        let class = class_of(len);
+        let reused = self
+            .classes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&class)
+            .and_then(Vec::pop);
+        let mut buf = match reused {
+            Some(b) => {
+                *self.held.lock().unwrap_or_else(|p| p.into_inner()) -= b.capacity();
+                b
+            }
+            None => AlignedBuf::zeroed(class),
+        };
+        buf.set_len(len);
+        buf
+    }
+
+    /// Returns a buffer for reuse (dropped when the pool is full).
+    pub fn give(&self, buf: AlignedBuf) {
+        let cap = buf.capacity();
+        if class_of(cap) != cap {
+            return;
+        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if *held + cap > self.max_bytes {
+            return;
+        }
+        *held += cap;
+        drop(held);
+        self.classes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(cap)
+            .or_default()
+            .push(buf);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_reuses_by_class() {
+        let pool = BufPool::new(64 << 20);
+        let b = pool.take(4 << 20 | 4096);
+        let cap = b.capacity();
+        assert!(((4 << 20) + 4096..=5 << 20).contains(&cap), "{cap}");
+        let p = b.as_ptr();
+        pool.give(b);
+        let again = pool.take((4 << 20) + 8192);
+        assert_eq!(again.as_ptr(), p, "same class should reuse the buffer");
+        assert_eq!(again.len(), (4 << 20) + 8192);
+    }
 
     #[test]
     fn aligned_and_zeroed() {

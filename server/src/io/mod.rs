@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use buf::AlignedBuf;
+pub use buf::{AlignedBuf, BufPool};
 
 /// Alignment of offsets, lengths and buffers for O_DIRECT.
 pub const ALIGN: usize = 4096;
@@ -32,9 +32,9 @@ pub enum EngineKind {
 pub trait IoEngine: Send + Sync + 'static {
     /// Which engine this is.
     fn kind(&self) -> EngineKind;
-    /// Reads exactly `len` bytes at `offset` (both aligned when the file is O_DIRECT).
-    /// A short read (the file ends early) is an `UnexpectedEof` error.
-    async fn read(&self, file: Arc<File>, offset: u64, len: usize) -> std::io::Result<AlignedBuf>;
+    /// Fills all of `buf` from `offset` (aligned when the file is O_DIRECT) and
+    /// returns it. A short read (the file ends early) is an `UnexpectedEof` error.
+    async fn read(&self, file: Arc<File>, offset: u64, buf: AlignedBuf) -> std::io::Result<AlignedBuf>;
     /// Writes all of `buf` at `offset`; returns the buffer for reuse.
     async fn write(&self, file: Arc<File>, offset: u64, buf: AlignedBuf) -> std::io::Result<AlignedBuf>;
     /// Makes written data durable (fdatasync).

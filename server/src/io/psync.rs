@@ -21,10 +21,9 @@ impl IoEngine for PsyncEngine {
         EngineKind::Psync
     }
 
-    async fn read(&self, file: Arc<File>, offset: u64, len: usize) -> std::io::Result<AlignedBuf> {
+    async fn read(&self, file: Arc<File>, offset: u64, mut buf: AlignedBuf) -> std::io::Result<AlignedBuf> {
         joined(
             tokio::task::spawn_blocking(move || {
-                let mut buf = AlignedBuf::zeroed(len);
                 file.read_exact_at(&mut buf, offset)?;
                 Ok(buf)
             })

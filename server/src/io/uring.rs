@@ -210,8 +210,7 @@ impl IoEngine for UringEngine {
         EngineKind::Uring
     }
 
-    async fn read(&self, file: Arc<File>, offset: u64, len: usize) -> std::io::Result<AlignedBuf> {
-        let buf = AlignedBuf::zeroed(len);
+    async fn read(&self, file: Arc<File>, offset: u64, buf: AlignedBuf) -> std::io::Result<AlignedBuf> {
         self.submit(OpKind::Read, file, offset, Some(buf))
             .await?
             .ok_or_else(|| std::io::Error::other("read completed without its buffer"))
@@ -255,14 +254,14 @@ mod tests {
         }
         engine.sync(file.clone()).await.unwrap();
         let reads: Vec<_> = (0..16u64)
-            .map(|i| engine.read(file.clone(), i * 8192, 8192))
+            .map(|i| engine.read(file.clone(), i * 8192, AlignedBuf::zeroed(8192)))
             .collect();
         for (i, r) in futures::future::join_all(reads).await.into_iter().enumerate() {
             assert!(r.unwrap().iter().all(|b| *b == i as u8));
         }
         // Reading past the end is an error, not a short success.
         let err = engine
-            .read(file.clone(), 15 * 8192 + 4096, 8192)
+            .read(file.clone(), 15 * 8192 + 4096, AlignedBuf::zeroed(8192))
             .await
             .unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);

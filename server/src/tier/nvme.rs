@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{ChunkId, StoredChunk, Tier, TierKind, TierStats};
 use crate::error::{Result, ServerError};
 use crate::index::{Index, IndexEntry};
-use crate::io::{ALIGN, AlignedBuf, EngineKind, IoEngine};
+use crate::io::{ALIGN, AlignedBuf, BufPool, EngineKind, IoEngine};
 use crate::metrics::TierCounters;
 
 const RECORD_MAGIC: [u8; 4] = *b"KVSR";
@@ -122,6 +122,7 @@ struct WriteReq {
 
 struct Inner {
     cfg: NvmeConfig,
+    pool: Arc<BufPool>,
     direct: bool,
     engine: Arc<dyn IoEngine>,
     index: Arc<dyn Index>,
@@ -260,6 +261,7 @@ impl NvmeTier {
         tracing::info!(chunks = map.len(), segments = segments.len(), direct, engine = ?engine.kind(), "nvme tier open");
         let inner = Arc::new(Inner {
             cfg,
+            pool: Arc::new(BufPool::new(256 << 20)),
             direct,
             engine,
             index,
@@ -306,17 +308,18 @@ impl Inner {
             }
         };
         let rec = aligned(HEADER as u64 + entry.len) as usize;
-        let verdict = match self.engine.read(file, entry.offset, rec).await {
+        let verdict = match self.engine.read(file, entry.offset, self.pool.take(rec)).await {
             Ok(buf) => check_record(&buf, id, &entry).map(|()| buf),
             Err(e) => Err(format!("read failed: {e}")),
         };
         match verdict {
             Ok(buf) => {
                 let end = HEADER + entry.len as usize;
-                Ok(Some((
-                    entry,
-                    Bytes::from_owner(OwnedRecord(buf)).slice(HEADER..end),
-                )))
+                let owned = OwnedRecord {
+                    buf: Some(buf),
+                    pool: self.pool.clone(),
+                };
+                Ok(Some((entry, Bytes::from_owner(owned).slice(HEADER..end))))
             }
             Err(why) => {
                 tracing::warn!(key = %id.key, segment = entry.segment, offset = entry.offset, why, "bad record on disk, dropping chunk");
@@ -348,12 +351,24 @@ impl Inner {
     }
 }
 
-/// Keeps an aligned read buffer alive behind `Bytes` without copying it.
-struct OwnedRecord(AlignedBuf);
+/// Keeps an aligned read buffer alive behind `Bytes` without copying it, and
+/// hands it back to the pool when the last reader is done.
+struct OwnedRecord {
+    buf: Option<AlignedBuf>,
+    pool: Arc<BufPool>,
+}
 
 impl AsRef<[u8]> for OwnedRecord {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        self.buf.as_deref().unwrap_or(&[])
+    }
+}
+
+impl Drop for OwnedRecord {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool.give(b);
+        }
     }
 }
 
@@ -377,9 +392,12 @@ fn check_record(buf: &[u8], id: &ChunkId, e: &IndexEntry) -> std::result::Result
     Ok(())
 }
 
-fn encode_record(id: &ChunkId, blob: &[u8], crc: u32) -> AlignedBuf {
-    let mut buf = AlignedBuf::zeroed(aligned((HEADER + blob.len()) as u64) as usize);
-    buf.set_len(buf.capacity());
+fn encode_record(pool: &BufPool, id: &ChunkId, blob: &[u8], crc: u32) -> AlignedBuf {
+    let mut buf = pool.take(aligned((HEADER + blob.len()) as u64) as usize);
+    // A recycled buffer holds stale bytes: clear the header and the padding.
+    buf[..HEADER].fill(0);
+    let tail = HEADER + blob.len();
+    buf[tail..].fill(0);
     buf[0..4].copy_from_slice(&RECORD_MAGIC);
     buf[4] = 1; // record version
     buf[8..16].copy_from_slice(&(blob.len() as u64).to_le_bytes());
@@ -498,7 +516,7 @@ async fn commit(inner: &Inner, batch: Vec<WriteReq>) {
     let mut plans = Vec::with_capacity(batch.len());
     for req in batch {
         let crc = crc32c::crc32c(&req.chunk.blob);
-        let rec = encode_record(&req.id, &req.chunk.blob, crc);
+        let rec = encode_record(&inner.pool, &req.id, &req.chunk.blob, crc);
         let full = {
             let st = inner.lock();
             let a = &st.segments[&st.active];
@@ -534,7 +552,10 @@ async fn commit(inner: &Inner, batch: Vec<WriteReq>) {
     let mut ok = Vec::new();
     for ((req, entry, file, _), r) in plans.into_iter().zip(results) {
         match r {
-            Ok(_) => ok.push((req, entry, file)),
+            Ok(buf) => {
+                inner.pool.give(buf);
+                ok.push((req, entry, file));
+            }
             Err(e) => {
                 let _ = req.done.send(Err(io_err("segment write", e)));
             }
