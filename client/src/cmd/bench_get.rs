@@ -41,9 +41,14 @@ fn layout() -> Layout {
     }
 }
 
-/// Runs `f` repeatedly for about `seconds` (at least 3 times), after one warm-up; returns GB/s.
+/// Runs `f` repeatedly for about `seconds` (at least 3 times), after a
+/// warm-up of a fifth of that (first-use costs: allocator, page faults,
+/// HTTP/2 window growth); returns GB/s.
 fn measure(seconds: f64, bytes: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-    f()?;
+    let w = Instant::now();
+    while w.elapsed().as_secs_f64() < seconds / 5.0 {
+        f()?;
+    }
     let t = Instant::now();
     let mut n = 0u64;
     while n < 3 || t.elapsed().as_secs_f64() < seconds {
@@ -58,7 +63,10 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    f().await?;
+    let w = Instant::now();
+    while w.elapsed().as_secs_f64() < seconds / 5.0 {
+        f().await?;
+    }
     let t = Instant::now();
     let mut n = 0u64;
     while n < 3 || t.elapsed().as_secs_f64() < seconds {
