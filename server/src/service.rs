@@ -260,13 +260,17 @@ impl KvService {
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
-    async fn do_lookup(&self, req: Request<pb::LookupRequest>) -> Result<pb::LookupResponse, Status> {
-        let tenant = self.tenant(&req)?;
-        let req = req.into_inner();
-        let layout = self.layout(req.namespace)?;
-        let keys = keys_from_wire(&req.keys).map_err(ServerError::from)?;
-        let ns = layout.namespace_id();
-        let tiers: Vec<i32> = keys
+    /// Tier of each wire key under the request's tenant and namespace (`None` where absent).
+    fn tiers_of<T>(
+        &self,
+        req: &Request<T>,
+        ns: Option<pb::Namespace>,
+        keys: &[bytes::Bytes],
+    ) -> Result<Vec<i32>, Status> {
+        let tenant = self.tenant(req)?;
+        let ns = self.layout(ns)?.namespace_id();
+        let keys = keys_from_wire(keys).map_err(ServerError::from)?;
+        Ok(keys
             .into_iter()
             .map(|key| {
                 let id = ChunkId {
@@ -277,7 +281,11 @@ impl KvService {
                     .locate(&id, &ns)
                     .map_or(pb::Tier::None, |t| t.to_proto()) as i32
             })
-            .collect();
+            .collect())
+    }
+
+    async fn do_lookup(&self, req: Request<pb::LookupRequest>) -> Result<pb::LookupResponse, Status> {
+        let tiers = self.tiers_of(&req, req.get_ref().namespace.clone(), &req.get_ref().keys)?;
         let prefix = tiers.iter().take_while(|t| **t != pb::Tier::None as i32).count();
         Ok(pb::LookupResponse {
             prefix_chunks: prefix as u32,
@@ -286,23 +294,7 @@ impl KvService {
     }
 
     async fn do_exists(&self, req: Request<pb::ExistsRequest>) -> Result<pb::ExistsResponse, Status> {
-        let tenant = self.tenant(&req)?;
-        let req = req.into_inner();
-        let layout = self.layout(req.namespace)?;
-        let keys = keys_from_wire(&req.keys).map_err(ServerError::from)?;
-        let ns = layout.namespace_id();
-        let tiers = keys
-            .into_iter()
-            .map(|key| {
-                let id = ChunkId {
-                    tenant: tenant.clone(),
-                    key,
-                };
-                self.store
-                    .locate(&id, &ns)
-                    .map_or(pb::Tier::None, |t| t.to_proto()) as i32
-            })
-            .collect();
+        let tiers = self.tiers_of(&req, req.get_ref().namespace.clone(), &req.get_ref().keys)?;
         Ok(pb::ExistsResponse { tiers })
     }
 
