@@ -174,11 +174,7 @@ impl Client {
             keys: wire_keys(keys),
         };
         let r = self
-            .retry
-            .run(|| {
-                let (mut rpc, req) = (self.rpc.clone(), req.clone());
-                async move { Ok(rpc.lookup(req).await?.into_inner()) }
-            })
+            .unary(req, |mut rpc, req| async move { rpc.lookup(req).await })
             .await?;
         if r.tiers.len() != keys.len() || r.prefix_chunks as usize > keys.len() {
             return Err(ClientError::Protocol(format!(
@@ -263,11 +259,7 @@ impl Client {
             keys: wire_keys(keys),
         };
         let r = self
-            .retry
-            .run(|| {
-                let (mut rpc, req) = (self.rpc.clone(), req.clone());
-                async move { Ok(rpc.exists(req).await?.into_inner()) }
-            })
+            .unary(req, |mut rpc, req| async move { rpc.exists(req).await })
             .await?;
         if r.tiers.len() != keys.len() {
             return Err(ClientError::Protocol(format!(
@@ -286,23 +278,18 @@ impl Client {
             keys: wire_keys(keys),
         };
         let r = self
-            .retry
-            .run(|| {
-                let (mut rpc, req) = (self.rpc.clone(), req.clone());
-                async move { Ok(rpc.delete(req).await?.into_inner()) }
-            })
+            .unary(req, |mut rpc, req| async move { rpc.delete(req).await })
             .await?;
         Ok(r.deleted)
     }
 
     /// Server-wide counters per tier.
     pub async fn stat(&self) -> Result<pb::StatResponse> {
-        self.retry
-            .run(|| {
-                let mut rpc = self.rpc.clone();
-                async move { Ok(rpc.stat(pb::StatRequest {}).await?.into_inner()) }
-            })
-            .await
+        self.unary(
+            pb::StatRequest {},
+            |mut rpc, req| async move { rpc.stat(req).await },
+        )
+        .await
     }
 
     /// The layout the server has bound `model_id` to.
@@ -311,13 +298,26 @@ impl Client {
             model_id: model_id.to_string(),
         };
         let r = self
-            .retry
-            .run(|| {
-                let (mut rpc, req) = (self.rpc.clone(), req.clone());
-                async move { Ok(rpc.describe_model(req).await?.into_inner()) }
-            })
+            .unary(req, |mut rpc, req| async move { rpc.describe_model(req).await })
             .await?;
         Ok(Layout::from_wire(r.namespace)?)
+    }
+}
+
+impl Client {
+    /// Runs a unary call with retries; `call` gets a fresh handle and a copy of the request.
+    async fn unary<Req, Resp, F, Fut>(&self, req: Req, call: F) -> Result<Resp>
+    where
+        Req: Clone,
+        F: Fn(Rpc, Req) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<Resp>, Status>>,
+    {
+        self.retry
+            .run(|| {
+                let fut = call(self.rpc.clone(), req.clone());
+                async move { Ok(fut.await?.into_inner()) }
+            })
+            .await
     }
 }
 
