@@ -43,7 +43,7 @@
 use crate::error::CodecError;
 use crate::profile::payload::PayloadReader;
 use crate::profile::{LayerGeom, Scratch, load_f32, store_f32};
-use crate::tensor::{Dtype, KvView};
+use crate::tensor::Dtype;
 
 /// Tokens per arithmetic-coded stream (`CACHEGEN_GPU_MAX_TOKENS_PER_CHUNK`).
 const SUB_CHUNK_TOKENS: usize = 256;
@@ -53,21 +53,6 @@ const MAX_BINS: u32 = 32;
 const LP: usize = MAX_BINS as usize + 1;
 /// Renormalisation steps allowed per symbol; a valid stream needs at most about 18.
 const MAX_RENORM: u32 = 64;
-
-pub(super) fn params(_view: &KvView<'_>) -> Result<Vec<u8>, CodecError> {
-    Ok(Vec::new())
-}
-
-pub(super) fn check_params(_dtype: Dtype, params: &[u8]) -> Result<(), CodecError> {
-    if params.is_empty() {
-        Ok(())
-    } else {
-        Err(CodecError::Corrupt(format!(
-            "cachegen-baseline profile takes no parameters, found {} bytes",
-            params.len()
-        )))
-    }
-}
 
 /// LMCache's bins for (keys, values) of absolute layer `layer` of a `total`-layer model.
 pub(crate) fn bins(layer: u32, total: u32) -> (u32, u32) {

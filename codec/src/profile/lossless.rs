@@ -4,26 +4,11 @@
 use crate::error::CodecError;
 use crate::profile::{Scratch, sized};
 use crate::shuffle::{shuffle, unshuffle};
-use crate::tensor::{Dtype, KvView};
+use crate::tensor::Dtype;
 
 /// zstd level: level 1 already gets nearly all of the gain on shuffled floats and keeps
 /// encoding well above 500 MB/s per core.
 const ZSTD_LEVEL: i32 = 1;
-
-pub(super) fn params(_view: &KvView<'_>) -> Result<Vec<u8>, CodecError> {
-    Ok(Vec::new())
-}
-
-pub(super) fn check_params(_dtype: Dtype, params: &[u8]) -> Result<(), CodecError> {
-    if params.is_empty() {
-        Ok(())
-    } else {
-        Err(CodecError::Corrupt(format!(
-            "lossless profile takes no parameters, found {} bytes",
-            params.len()
-        )))
-    }
-}
 
 pub(super) fn encode_layer(
     layer: &[u8],

@@ -112,19 +112,21 @@ impl Profile {
     /// The parameter block to store in the header when encoding `view`.
     pub(crate) fn params(self, view: &KvView<'_>) -> Result<Vec<u8>, CodecError> {
         match self {
-            Profile::Lossless => lossless::params(view),
-            Profile::Q8 => q8::params(view),
-            Profile::CachegenBaseline => cachegen::params(view),
+            // These profiles keep everything they need in the layer payloads.
+            Profile::Lossless | Profile::Q8 | Profile::CachegenBaseline => Ok(Vec::new()),
             Profile::KvHi | Profile::KvMid | Profile::KvLo => kv::params(self, view),
         }
     }
 
     /// Checks a parameter block read from a container.
-    pub(crate) fn check_params(self, dtype: Dtype, params: &[u8]) -> Result<(), CodecError> {
+    pub(crate) fn check_params(self, _dtype: Dtype, params: &[u8]) -> Result<(), CodecError> {
         match self {
-            Profile::Lossless => lossless::check_params(dtype, params),
-            Profile::Q8 => q8::check_params(dtype, params),
-            Profile::CachegenBaseline => cachegen::check_params(dtype, params),
+            Profile::Lossless | Profile::Q8 | Profile::CachegenBaseline if params.is_empty() => Ok(()),
+            Profile::Lossless | Profile::Q8 | Profile::CachegenBaseline => Err(CodecError::Corrupt(format!(
+                "{} profile takes no parameters, found {} bytes",
+                self.name(),
+                params.len()
+            ))),
             Profile::KvHi | Profile::KvMid | Profile::KvLo => kv::check_params(self, params),
         }
     }

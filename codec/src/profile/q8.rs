@@ -17,22 +17,7 @@
 use crate::error::CodecError;
 use crate::profile::payload::PayloadReader;
 use crate::profile::{LayerGeom, Scratch, load_f32, store_f32};
-use crate::tensor::{Dtype, KvView};
-
-pub(super) fn params(_view: &KvView<'_>) -> Result<Vec<u8>, CodecError> {
-    Ok(Vec::new())
-}
-
-pub(super) fn check_params(_dtype: Dtype, params: &[u8]) -> Result<(), CodecError> {
-    if params.is_empty() {
-        Ok(())
-    } else {
-        Err(CodecError::Corrupt(format!(
-            "q8 profile takes no parameters, found {} bytes",
-            params.len()
-        )))
-    }
-}
+use crate::tensor::Dtype;
 
 pub(super) fn encode_layer(
     layer: &[u8],
