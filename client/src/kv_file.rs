@@ -113,17 +113,27 @@ fn ids_from(view: &TensorView<'_>, path: &str) -> Result<Vec<u32>, KvFileError> 
         .collect()
 }
 
-/// Reads tensor `ids` alone (the KV tensor may be absent).
-pub fn read_ids(path: &Path) -> Result<Vec<u32>, KvFileError> {
+/// Reads a whole safetensors file; the tensors borrow from the returned bytes.
+fn load(path: &Path) -> Result<(String, Vec<u8>), KvFileError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| KvFileError::Io {
         path: p.clone(),
         source,
     })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| KvFileError::Format {
-        path: p.clone(),
+    Ok((p, bytes))
+}
+
+fn parse<'a>(p: &str, bytes: &'a [u8]) -> Result<SafeTensors<'a>, KvFileError> {
+    SafeTensors::deserialize(bytes).map_err(|e| KvFileError::Format {
+        path: p.to_string(),
         reason: e.to_string(),
-    })?;
+    })
+}
+
+/// Reads tensor `ids` alone (the KV tensor may be absent).
+pub fn read_ids(path: &Path) -> Result<Vec<u32>, KvFileError> {
+    let (p, bytes) = load(path)?;
+    let st = parse(&p, &bytes)?;
     let ids = st.tensor("ids").map_err(|_| KvFileError::Tensor {
         path: p.clone(),
         reason: "missing tensor `ids`".into(),
@@ -133,19 +143,12 @@ pub fn read_ids(path: &Path) -> Result<Vec<u32>, KvFileError> {
 
 /// Reads and validates tensors `kv` and `ids`.
 pub fn read(path: &Path) -> Result<KvFile, KvFileError> {
-    let p = path.display().to_string();
+    let (p, bytes) = load(path)?;
+    let st = parse(&p, &bytes)?;
     let bad = |reason: String| KvFileError::Tensor {
         path: p.clone(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(|source| KvFileError::Io {
-        path: p.clone(),
-        source,
-    })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| KvFileError::Format {
-        path: p.clone(),
-        reason: e.to_string(),
-    })?;
     let kv = st.tensor("kv").map_err(|_| bad("missing tensor `kv`".into()))?;
     let dtype = codec_dtype(kv.dtype()).ok_or_else(|| {
         bad(format!(
