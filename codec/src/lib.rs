@@ -18,6 +18,7 @@
 
 pub mod container;
 pub mod error;
+pub mod plan;
 pub mod profile;
 pub mod rans;
 mod shuffle;

@@ -41,6 +41,7 @@
 //!   the same way for `(q - MAX) / MAX * s` but may fuse differently.
 
 use crate::error::CodecError;
+use crate::plan::{CachegenPart, CachegenPlan, CachegenStream, LayerPlace, index, input_offset};
 use crate::profile::payload::PayloadReader;
 use crate::profile::{LayerGeom, Scratch, load_f32, store_f32};
 use crate::tensor::Dtype;
@@ -354,6 +355,80 @@ pub(super) fn decode_layer(
     })();
     scratch.syms = syms;
     result
+}
+
+/// Adds one layer's parts and streams to a decode plan (see `plan.rs`), with the checks of
+/// [`decode_layer`] short of running the streams.
+pub(crate) fn plan_layer(
+    payload: &[u8],
+    dtype: Dtype,
+    place: LayerPlace,
+    plan: &mut CachegenPlan,
+) -> Result<(), CodecError> {
+    let (t, c) = (place.tokens, place.channels);
+    let mut r = PayloadReader::new(payload, "cachegen-baseline");
+    let (bins_k, bins_v, lp) = (r.u8()?, r.u8()?, r.u8()?);
+    if usize::from(lp) != LP {
+        return Err(CodecError::Corrupt(format!(
+            "cachegen-baseline Lp {lp}, expected {LP}"
+        )));
+    }
+    for (kind, bins) in [bins_k, bins_v].into_iter().enumerate() {
+        if !matches!(bins, 4..=32) {
+            return Err(CodecError::Corrupt(format!("cachegen-baseline bins {bins}")));
+        }
+        let scale_start = index(plan.scales.len())?;
+        let mut scales = Vec::with_capacity(t);
+        load_f32(r.take(t * dtype.size())?, dtype, &mut scales);
+        plan.scales.extend(scales);
+        let cdf_start = index(plan.cdfs.len())?;
+        let cdfs: Vec<u16> = r
+            .take(c * LP * 2)?
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        for cdf in cdfs.chunks_exact(LP) {
+            if cdf[0] != 0 || cdf.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(CodecError::Corrupt(
+                    "cachegen-baseline CDF not strictly increasing from 0".into(),
+                ));
+            }
+        }
+        plan.cdfs.extend(cdfs);
+        let part = index(plan.parts.len())?;
+        plan.parts.push(CachegenPart {
+            out_slot: place.out_slot + kind as u32,
+            token_offset: place.token_offset,
+            scale_start,
+            cdf_start,
+            max: u32::from(bins / 2 - 1),
+            reserved: [0; 3],
+        });
+        let subs = t.div_ceil(SUB_CHUNK_TOKENS);
+        let lengths: Vec<u32> = r
+            .take(subs * c * 4)?
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let mut lengths = lengths.into_iter();
+        for sub in 0..subs {
+            let token_start = sub * SUB_CHUNK_TOKENS;
+            for ch in 0..c {
+                let len = lengths.next().unwrap_or(0);
+                let stream = r.take(len as usize)?;
+                plan.streams.push(CachegenStream {
+                    part,
+                    channel: ch as u32,
+                    token_start: token_start as u32,
+                    tokens: (t - token_start).min(SUB_CHUNK_TOKENS) as u32,
+                    data_offset: input_offset(payload, stream, place.payload_offset),
+                    data_len: len,
+                    reserved: 0,
+                });
+            }
+        }
+    }
+    r.finish()
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@
 //! parameters yet).
 
 use crate::error::CodecError;
+use crate::plan::{LayerPlace, RansPart, RansPlan, RansStream, index, input_offset};
 use crate::profile::payload::{PayloadReader, put_svarint, put_varint, read_varint, unzigzag};
 use crate::profile::{LayerGeom, Profile, Scratch, load_f32, store_f32};
 use crate::rans::{self, DecodeTable, FreqTable};
@@ -453,6 +454,106 @@ fn decode_part(
         store_f32(fbuf, out_dtype, out_blk, halfs);
     }
     Ok(())
+}
+
+/// Adds one layer's parts and streams to a decode plan (see `plan.rs`), with the same
+/// checks as [`decode_layer`] short of running the streams.
+pub(crate) fn plan_layer(
+    payload: &[u8],
+    params: &[u8],
+    place: LayerPlace,
+    plan: &mut RansPlan,
+) -> Result<(), CodecError> {
+    let block = parse_params(params)?;
+    let (t, c) = (place.tokens, place.channels);
+    let mut r = PayloadReader::new(payload, "kv");
+    for kind in 0..2u32 {
+        let per_token = match r.u8()? {
+            0 => false,
+            1 => true,
+            k => return Err(CodecError::Corrupt(format!("kv part kind {k}"))),
+        };
+        let groups = if per_token { t } else { c };
+        let group_start = index(plan.steps.len())?;
+        plan.steps.extend(r.take(groups)?.iter().map(|&e| step(e)));
+        let mut zeros = Vec::with_capacity(groups);
+        for _ in 0..groups {
+            zeros.push(r.svarint()?);
+        }
+        let m = usize::from(r.u8()?);
+        if m > MAX_M {
+            return Err(CodecError::Corrupt(format!("kv alphabet M = {m} above {MAX_M}")));
+        }
+        let n_syms = usize::from(r.u8()?);
+        if n_syms != 2 * m + 2 {
+            return Err(CodecError::Corrupt(format!(
+                "kv table has {n_syms} symbols, expected {}",
+                2 * m + 2
+            )));
+        }
+        let freqs: Vec<u16> = r
+            .take(2 * n_syms)?
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        // Validates the sum; the plan keeps the raw frequencies, zero-padded.
+        FreqTable::from_freqs(freqs.clone())?;
+        plan.freqs.extend(&freqs);
+        plan.freqs
+            .extend(std::iter::repeat_n(0, rans::MAX_SYMBOLS - n_syms));
+        for z in zeros {
+            plan.biases.push(
+                z.checked_sub(m as i32)
+                    .ok_or_else(|| CodecError::Corrupt("kv zero point out of range".into()))?,
+            );
+        }
+        let part = index(plan.parts.len())?;
+        plan.parts.push(RansPart {
+            out_slot: place.out_slot + kind,
+            per_token: u32::from(per_token),
+            group_start,
+            m: m as u32,
+            token_offset: place.token_offset,
+            reserved: [0; 3],
+        });
+        for (bi, token_start) in (0..t).step_by(block).enumerate() {
+            let tokens = block.min(t - token_start);
+            let rans_len = r.varint()? as usize;
+            let esc_len = r.varint()? as usize;
+            let stream = r.take(rans_len)?;
+            if !rans_len.is_multiple_of(2) || rans_len < 4 * rans::LANES {
+                return Err(CodecError::Corrupt(format!(
+                    "kv block {bi}: rANS stream of {rans_len} bytes"
+                )));
+            }
+            let mut escs = r.take(esc_len)?;
+            let before = plan.escapes.len();
+            let escape_start = index(before)?;
+            while !escs.is_empty() {
+                let (v, used) = read_varint(escs)
+                    .ok_or_else(|| CodecError::Corrupt("kv escape missing or malformed".into()))?;
+                escs = &escs[used..];
+                plan.escapes.push(unzigzag(v));
+            }
+            let escape_count = (plan.escapes.len() - before) as u32;
+            if plan.escapes.len() - before > tokens * c {
+                return Err(CodecError::Corrupt(format!(
+                    "kv block {bi} has {escape_count} escapes for {} elements",
+                    tokens * c
+                )));
+            }
+            plan.streams.push(RansStream {
+                part,
+                token_start: token_start as u32,
+                tokens: tokens as u32,
+                escape_start,
+                escape_count,
+                data_len: rans_len as u32,
+                data_offset: input_offset(payload, stream, place.payload_offset),
+            });
+        }
+    }
+    r.finish()
 }
 
 #[cfg(test)]

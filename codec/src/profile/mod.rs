@@ -13,11 +13,11 @@
 //! only the header parameters and the payload: it never recomputes a schedule from the
 //! layer index or the model.
 
-mod cachegen;
-mod kv;
+pub(crate) mod cachegen;
+pub(crate) mod kv;
 mod lossless;
 mod payload;
-mod q8;
+pub(crate) mod q8;
 
 use std::fmt;
 use std::str::FromStr;

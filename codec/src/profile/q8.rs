@@ -15,6 +15,7 @@
 //! No header parameters.
 
 use crate::error::CodecError;
+use crate::plan::{LayerPlace, Q8Part, Q8Plan, index, input_offset};
 use crate::profile::payload::PayloadReader;
 use crate::profile::{LayerGeom, Scratch, load_f32, store_f32};
 use crate::tensor::Dtype;
@@ -106,6 +107,35 @@ pub(super) fn decode_layer(
             }
             store_f32(row, out_dtype, o, &mut scratch.halfs);
         }
+    }
+    r.finish()
+}
+
+/// Adds one layer's parts to a decode plan (see `plan.rs`), with the checks of
+/// [`decode_layer`].
+pub(crate) fn plan_layer(payload: &[u8], place: LayerPlace, plan: &mut Q8Plan) -> Result<(), CodecError> {
+    let (c, n) = (place.channels, place.tokens * place.channels);
+    let expected = 2 * (8 * c + n);
+    if payload.len() != expected {
+        return Err(CodecError::Corrupt(format!(
+            "q8 layer payload is {} bytes, expected {expected}",
+            payload.len()
+        )));
+    }
+    let mut r = PayloadReader::new(payload, "q8");
+    for kind in 0..2u32 {
+        let param_start = index(plan.lo_step.len())?;
+        for _ in 0..2 * c {
+            plan.lo_step.push(r.f32()?);
+        }
+        let codes = r.take(n)?;
+        plan.parts.push(Q8Part {
+            out_slot: place.out_slot + kind,
+            token_offset: place.token_offset,
+            tokens: place.tokens as u32,
+            param_start,
+            data_offset: input_offset(payload, codes, place.payload_offset),
+        });
     }
     r.finish()
 }
