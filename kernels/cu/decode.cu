@@ -1,0 +1,274 @@
+// kvault GPU decoders for codec containers, driven by the decode plans of
+// `kvault_codec::plan` (record layouts below mirror its #[repr(C)] structs).
+//
+// Compiled at run time with NVRTC; no headers, so CPU-only CI can compile it to
+// PTX with NVRTC alone. Every float operation is written with an explicit
+// rounding intrinsic (no contraction into FMAs), so outputs equal the CPU
+// decoder's bit for bit.
+//
+// Output addressing (all kernels): part `out_slot` (2 * layer + K/V) has a
+// cache `[blocks][block_size][channels]` at device address `slots[out_slot]`;
+// global token `tok` lives in block `block_table[tok / block_size]`, row
+// `tok % block_size`. The canonical layout `[layers][2][tokens][channels]` is
+// the special case of one block per slot.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef int i32;
+typedef long long i64;
+
+struct RansPart { u32 out_slot, per_token, group_start, m, token_offset, r0, r1, r2; };
+struct RansStream { u32 part, token_start, tokens, escape_start, escape_count, data_len; u64 data_offset; };
+struct Q8Part { u32 out_slot, token_offset, tokens, param_start; u64 data_offset; };
+struct CgPart { u32 out_slot, token_offset, scale_start, cdf_start, max, r0, r1, r2; };
+struct CgStream { u32 part, channel, token_start, tokens; u64 data_offset; u32 data_len, r0; };
+
+// Error flags, OR-ed into err[0]; err[1] takes the lowest failing stream.
+#define ERR_RANS_STATE 1u
+#define ERR_RANS_WORDS 2u
+#define ERR_ESCAPES 4u
+#define ERR_CACHEGEN 8u
+
+// Output dtypes (kvault_kernels::OutDtype).
+#define OUT_F16 0u
+#define OUT_BF16 1u
+#define OUT_F32 2u
+
+__device__ __forceinline__ u64 row_addr(const u64* slots, const i32* block_table, u32 block_size,
+                                        u32 row_bytes, u32 slot, u32 tok) {
+    const u64 row = (u64)(u32)block_table[tok / block_size] * block_size + tok % block_size;
+    return slots[slot] + row * row_bytes;
+}
+
+__device__ __forceinline__ void store(u64 addr, u32 dtype, float v) {
+    if (dtype == OUT_F32) {
+        *(float*)addr = v;
+    } else {
+        u16 h;
+        if (dtype == OUT_F16) {
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        } else {
+            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        }
+        *(u16*)addr = h;
+    }
+}
+
+__device__ __forceinline__ void fail(u32* err, u32 flag, u32 stream) {
+    atomicOr(err, flag);
+    atomicMin(err + 1, stream);
+}
+
+// One 4096-slot decode table per rANS part, packed as the CPU's DecodeTable:
+// freq | (slot - cum) << 13 | symbol << 25. One thread block per part.
+extern "C" __global__ void rans_build_tables(const u16* __restrict__ freqs, u32* __restrict__ tables,
+                                             u32 n_parts) {
+    const u32 p = blockIdx.x;
+    if (p >= n_parts) return;
+    __shared__ u32 cum[65];
+    if (threadIdx.x == 0) {
+        u32 a = 0;
+        for (u32 s = 0; s < 64; ++s) {
+            cum[s] = a;
+            a += freqs[(u64)p * 64 + s];
+        }
+        cum[64] = a;
+    }
+    __syncthreads();
+    for (u32 slot = threadIdx.x; slot < 4096; slot += blockDim.x) {
+        // The largest symbol whose range starts at or before the slot: zero-frequency
+        // symbols share their start with the next symbol, so they are never chosen.
+        u32 s = 0;
+        for (u32 k = 1; k < 64; ++k) s = cum[k] <= slot ? k : s;
+        const u32 lo = cum[s];
+        tables[(u64)p * 4096 + slot] = (cum[s + 1] - lo) | ((slot - lo) << 13) | (s << 25);
+    }
+}
+
+__device__ __forceinline__ u32 rans_word(const u8* s, u32 words, u32 i) {
+    return i < words ? ((u32)s[2 * i] | ((u32)s[2 * i + 1] << 8)) : 0u;
+}
+
+// rANS streams of the kv-* profiles: eight threads (one per interleaved lane) per
+// stream, four streams per warp. Lanes step through their stream's symbols together;
+// a ballot over the eight lanes hands out renormalisation words and escape values in
+// symbol order, exactly as the sequential CPU decoder consumes them.
+extern "C" __global__ void __launch_bounds__(256) rans_decode(
+    const u8* __restrict__ input, const RansStream* __restrict__ streams, u32 n_streams,
+    const RansPart* __restrict__ parts, const u32* __restrict__ tables,
+    const float* __restrict__ steps, const i32* __restrict__ biases, const i32* __restrict__ escapes,
+    const u64* __restrict__ slots, const i32* __restrict__ block_table, u32 block_size, u32 channels,
+    u32 dtype, u32* err) {
+    const u32 tid = blockIdx.x * blockDim.x + threadIdx.x;
+    const u32 sid = tid >> 3;
+    const u32 lane = tid & 7;
+    const u32 shift = threadIdx.x & 24;  // this group's first lane in the warp
+    const u32 below = (1u << lane) - 1u;
+    const bool live = sid < n_streams;
+
+    RansStream st = {0, 0, 0, 0, 0, 0, 0};
+    RansPart p = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (live) {
+        st = streams[sid];
+        p = parts[st.part];
+    }
+    const u32 n = st.tokens * channels;
+    const u32 words = st.data_len >> 1;
+    const u8* s = input + st.data_offset;
+    const u32* tab = tables + (u64)st.part * 4096;
+    const float* gstep = steps + p.group_start;
+    const i32* gbias = biases + p.group_start;
+    const u32 esc_sym = 2 * p.m + 1;
+    const u32 esize = dtype == OUT_F32 ? 4u : 2u;
+    const u32 row_bytes = channels * esize;
+
+    u32 x = live ? (rans_word(s, words, 2 * lane) | (rans_word(s, words, 2 * lane + 1) << 16)) : 65536u;
+    bool bad = x < 65536u;
+    u32 pos = 16;
+    u32 esc_used = 0;
+    // Symbol i = 8k + lane sits at token i / channels, channel i % channels.
+    u32 ch = lane, t = 0;
+    while (ch >= channels) {
+        ch -= channels;
+        ++t;
+    }
+    const u32 my_steps = live ? (n + 7) >> 3 : 0u;
+    const u32 trips = __reduce_max_sync(0xffffffffu, my_steps);
+    u32 cur_tok = 0xffffffffu;
+    u64 row = 0;
+    for (u32 k = 0; k < trips; ++k) {
+        const u32 i = (k << 3) + lane;
+        const bool act = i < n;
+        u32 sym = 0;
+        bool need = false;
+        if (act) {
+            const u32 e = __ldg(tab + (x & 4095u));
+            const u32 y = (e & 0x1FFFu) * (x >> 12) + ((e >> 13) & 0xFFFu);
+            need = y < 65536u;
+            x = y;
+            sym = e >> 25;
+        }
+        const u32 nb = (__ballot_sync(0xffffffffu, need) >> shift) & 0xFFu;
+        if (need) x = (x << 16) | rans_word(s, words, pos + __popc(nb & below));
+        pos += __popc(nb);
+        const bool esc = act && sym == esc_sym;
+        const u32 eb = (__ballot_sync(0xffffffffu, esc) >> shift) & 0xFFu;
+        if (act) {
+            const u32 g = p.per_token ? st.token_start + t : ch;
+            float v;
+            if (!esc) {
+                // (s + bias) wraps in i32 like the CPU's wrapping_add, then rounds to f32.
+                v = __fmul_rn(__int2float_rn((i32)(sym + (u32)gbias[g])), gstep[g]);
+            } else {
+                const u32 ord = esc_used + __popc(eb & below);
+                if (ord < st.escape_count) {
+                    const i64 q = (i64)escapes[st.escape_start + ord] + (i64)gbias[g] + (i64)p.m;
+                    v = __fmul_rn(__ll2float_rn(q), gstep[g]);
+                } else {
+                    bad = true;
+                    v = 0.0f;
+                }
+            }
+            const u32 tok = p.token_offset + st.token_start + t;
+            if (tok != cur_tok) {
+                cur_tok = tok;
+                row = row_addr(slots, block_table, block_size, row_bytes, p.out_slot + 0, tok);
+            }
+            store(row + (u64)ch * esize, dtype, v);
+        }
+        esc_used += __popc(eb);
+        ch += 8;
+        while (ch >= channels) {
+            ch -= channels;
+            ++t;
+        }
+    }
+    if (live) {
+        if (bad || x != 65536u) fail(err, ERR_RANS_STATE, sid);
+        if (lane == 0 && pos != words) fail(err, ERR_RANS_WORDS, sid);
+        if (lane == 0 && esc_used != st.escape_count) fail(err, ERR_ESCAPES, sid);
+    }
+}
+
+// q8: one element per thread; blockIdx.y picks the part (offset by part_base).
+extern "C" __global__ void q8_decode(const u8* __restrict__ input, const Q8Part* __restrict__ parts,
+                                     u32 part_base, const float* __restrict__ lo_step,
+                                     const u64* __restrict__ slots, const i32* __restrict__ block_table,
+                                     u32 block_size, u32 channels, u32 dtype) {
+    const Q8Part p = parts[part_base + blockIdx.y];
+    const u32 n = p.tokens * channels;
+    const u32 esize = dtype == OUT_F32 ? 4u : 2u;
+    const float* lo = lo_step + p.param_start;
+    const float* step = lo + channels;
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const u32 t = i / channels, ch = i % channels;
+        const float v = __fadd_rn(lo[ch], __fmul_rn((float)input[p.data_offset + i], step[ch]));
+        store(row_addr(slots, block_table, block_size, channels * esize, p.out_slot, p.token_offset + t) +
+                  (u64)ch * esize,
+              dtype, v);
+    }
+}
+
+__device__ __forceinline__ u32 cg_bit(const u8* s, u32 len, u64 i) {
+    return (i >> 3) < len ? (s[i >> 3] >> (7 - (i & 7))) & 1u : 0u;
+}
+
+// cachegen-baseline: one thread per (channel, 256-token) stream, bitwise binary
+// arithmetic decoding — the released CacheGen decoder's scheme, kept as the baseline.
+extern "C" __global__ void cachegen_decode(const u8* __restrict__ input, const CgStream* __restrict__ streams,
+                                           u32 n_streams, const CgPart* __restrict__ parts,
+                                           const float* __restrict__ scales, const u16* __restrict__ cdfs,
+                                           const u64* __restrict__ slots, const i32* __restrict__ block_table,
+                                           u32 block_size, u32 channels, u32 dtype, u32* err) {
+    const u32 sid = blockIdx.x * blockDim.x + threadIdx.x;
+    if (sid >= n_streams) return;
+    const CgStream st = streams[sid];
+    const CgPart p = parts[st.part];
+    const u8* s = input + st.data_offset;
+    const u16* cdf = cdfs + p.cdf_start + (u64)st.channel * 33;
+    const float maxf = (float)p.max;
+    const u32 esize = dtype == OUT_F32 ? 4u : 2u;
+    u32 value = 0;
+    for (u32 i = 0; i < 32; ++i) value = (value << 1) | cg_bit(s, st.data_len, i);
+    u64 next = 32;
+    u32 low = 0, high = 0xFFFFFFFFu;
+    for (u32 i = 0; i < st.tokens; ++i) {
+        const u64 range = (u64)(high - low) + 1;
+        const u32 count = (u32)(u16)(((((u64)(value - low)) + 1) * 65536 - 1) / range);
+        u32 c = 0;
+        for (u32 k = 0; k < 32; ++k) c += cdf[k] <= count ? 1u : 0u;
+        const u32 sym = c ? c - 1 : 0;
+        const u32 tok = st.token_start + i;
+        const float v =
+            __fmul_rn(__fdiv_rn(__fsub_rn((float)sym, maxf), maxf), scales[p.scale_start + tok]);
+        store(row_addr(slots, block_table, block_size, channels * esize, p.out_slot, p.token_offset + tok) +
+                  (u64)st.channel * esize,
+              dtype, v);
+        if (i + 1 == st.tokens) break;
+        const u64 c_lo = cdf[sym];
+        const u64 c_hi = sym == 31 ? 0x10000ull : (u64)cdf[sym + 1];
+        high = (u32)((u64)low + ((range * c_hi) >> 16) - 1);
+        low = low + (u32)((range * c_lo) >> 16);
+        u32 renorm = 0;
+        for (;;) {
+            if (low >= 0x80000000u || high < 0x80000000u) {
+                low <<= 1;
+                high = (high << 1) | 1u;
+                value = (value << 1) | cg_bit(s, st.data_len, next);
+            } else if (low >= 0x40000000u && high < 0xC0000000u) {
+                low = (low << 1) & 0x7FFFFFFFu;
+                high = (high << 1) | 0x80000001u;
+                value = ((value - 0x40000000u) << 1) | cg_bit(s, st.data_len, next);
+            } else {
+                break;
+            }
+            ++next;
+            if (++renorm > 64) {
+                fail(err, ERR_CACHEGEN, sid);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! Synthetic KV caches with the structure of real ones, for tests and benchmarks of
+//! shapes no bundled model has (a Llama-3-8B-shaped cache): keys with per-channel offsets
+//! and scales and a few outlier channels, values with per-token magnitudes, and rare
+//! outlier elements. Codec quality is judged on real caches elsewhere; these only have
+//! to exercise every path of the decoders at realistic sizes and symbol statistics.
+
+use half::f16;
+use kvault_codec::{Dtype, KvShape, KvTensor};
+use rayon::prelude::*;
+
+/// A deterministic f16 KV-like tensor of `shape` from `seed`.
+pub fn kv_like(shape: KvShape, seed: u64) -> KvTensor {
+    let c = (shape.kv_heads * shape.head_dim) as usize;
+    let t = shape.tokens as usize;
+    let mut data = vec![0u8; shape.elements() as usize * 2];
+    data.par_chunks_mut((t * c * 2).max(1))
+        .enumerate()
+        .for_each(|(part, out)| {
+            let is_value = part % 2 == 1;
+            let mut s = (seed ^ (part as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+            let mut next = move || {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s
+            };
+            for (i, o) in out.chunks_exact_mut(2).enumerate() {
+                let (tok, ch) = (i / c, i % c);
+                // A sum of two uniforms: a triangular, roughly bell-shaped variate in [-1, 1].
+                let r = next();
+                let u = ((r & 0xFFFF) as f32 + ((r >> 16) & 0xFFFF) as f32) / 65535.0 - 1.0;
+                let v = if is_value {
+                    u * (0.5 + ((tok * 7) % 11) as f32 * 0.1)
+                } else {
+                    let outlier = if ch % 61 == 3 { 12.0 } else { 1.0 };
+                    u * (0.5 + (ch % 5) as f32 * 0.4) * outlier + ((ch % 9) as f32 - 4.0) * 0.3
+                };
+                let v = if (r >> 40) % 499 == 0 { v * 30.0 } else { v };
+                o.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+            }
+        });
+    // The shape is valid by construction of the callers; an invalid one is their bug.
+    KvTensor::new(shape, Dtype::F16, data).unwrap_or_else(|e| panic!("synthetic shape {shape:?}: {e}"))
+}
