@@ -43,6 +43,9 @@ pub enum ClientError {
     /// A local argument is invalid (bad key, bad layout).
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The GPU decode path failed (no GPU, kernel error, output that does not fit).
+    #[error("gpu: {0}")]
+    Gpu(String),
     /// Encoding or decoding a chunk failed.
     #[error("codec: {0}")]
     Codec(#[from] CodecError),

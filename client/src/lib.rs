@@ -32,6 +32,8 @@
 
 pub mod client;
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod kv_file;
 pub mod local_server;
 #[cfg(feature = "model")]

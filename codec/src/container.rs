@@ -288,6 +288,24 @@ impl<'a> Container<'a> {
     }
 }
 
+/// The profile a container says it uses, read from its header alone (no checksum, no
+/// other validation): enough to choose a decoder before the full parse.
+pub fn peek_profile(blob: &[u8]) -> Result<Profile, CodecError> {
+    let prefix = &blob[..blob.len().min(MAGIC.len())];
+    if prefix != MAGIC {
+        let mut found = [0u8; 4];
+        found[..prefix.len()].copy_from_slice(prefix);
+        return Err(CodecError::BadMagic { found });
+    }
+    match blob.get(MAGIC.len() + 2) {
+        Some(&id) => Profile::from_id(id),
+        None => Err(CodecError::Truncated {
+            needed: FIXED_HEADER_LEN as u64,
+            got: blob.len() as u64,
+        }),
+    }
+}
+
 /// Re-packs the given absolute layer range of a container as a new, valid container (new checksum). Errors if the range is empty or not inside the blob's layers.
 ///
 /// Payload bytes are copied as they are: no layer is decoded.

@@ -26,7 +26,7 @@ pub mod tensor;
 
 use rayon::prelude::*;
 
-pub use container::{Container, Header, slice_layers};
+pub use container::{Container, Header, peek_profile, slice_layers};
 pub use error::CodecError;
 pub use profile::Profile;
 pub use tensor::{Dtype, KvShape, KvTensor, KvView, convert};

@@ -66,8 +66,13 @@ pub struct RansPart {
     pub m: u32,
     /// Global output token of the chunk's first token.
     pub token_offset: u32,
+    /// Index of the part's first stream in [`RansPlan::streams`] (a part's streams are
+    /// consecutive, in token order).
+    pub first_stream: u32,
+    /// Streams of the part.
+    pub stream_count: u32,
     /// Reserved (zero).
-    pub reserved: [u32; 3],
+    pub reserved: u32,
 }
 
 /// One rANS stream (a block of tokens of one part) in a rANS plan (32 bytes).
@@ -95,7 +100,7 @@ pub struct RansStream {
 pub struct RansPlan {
     /// Parts, one per (chunk, layer, K/V).
     pub parts: Vec<RansPart>,
-    /// Streams, in any order.
+    /// Streams, each part's consecutive and in token order.
     pub streams: Vec<RansStream>,
     /// Frequency tables, [`crate::rans::MAX_SYMBOLS`] entries per part (zero-padded), each
     /// summing to `1 << PROB_BITS`.
@@ -234,6 +239,50 @@ impl DecodePlan {
     /// The plan of one container alone, at input offset 0 and output token 0 (chunks of a
     /// batch can be planned in parallel and then [`merge`](Self::merge)d in order).
     pub fn of_container(blob: &[u8], layers: Option<Range<u32>>) -> Result<DecodePlan, CodecError> {
+        let mut plan = DecodePlan::new();
+        plan.plan_container(blob, layers)?;
+        Ok(plan)
+    }
+
+    /// Empties the plan, keeping its allocations.
+    pub fn clear(&mut self) {
+        let DecodePlan {
+            channels,
+            layers,
+            tokens,
+            input_bytes,
+            rans,
+            q8,
+            cachegen,
+        } = self;
+        (*channels, *layers, *tokens, *input_bytes) = (0, 0, 0, 0);
+        rans.parts.clear();
+        rans.streams.clear();
+        rans.freqs.clear();
+        rans.steps.clear();
+        rans.biases.clear();
+        rans.escapes.clear();
+        q8.parts.clear();
+        q8.lo_step.clear();
+        cachegen.parts.clear();
+        cachegen.streams.clear();
+        cachegen.scales.clear();
+        cachegen.cdfs.clear();
+    }
+
+    /// Replaces this plan with the plan of one container, as [`of_container`](Self::of_container)
+    /// does, reusing this plan's allocations (planning many batches then touches no fresh
+    /// memory). On failure the plan is left empty.
+    pub fn plan_container(&mut self, blob: &[u8], layers: Option<Range<u32>>) -> Result<(), CodecError> {
+        self.clear();
+        let r = self.fill(blob, layers);
+        if r.is_err() {
+            self.clear();
+        }
+        r
+    }
+
+    fn fill(&mut self, blob: &[u8], layers: Option<Range<u32>>) -> Result<(), CodecError> {
         let c = Container::parse(blob)?;
         let h = c.header();
         let family = Family::of(h.profile).ok_or_else(|| {
@@ -249,13 +298,28 @@ impl DecodePlan {
             });
         }
         let channels = h.kv_heads * h.head_dim;
-        let mut plan = DecodePlan {
-            channels,
-            layers: layers.end - layers.start,
-            tokens: h.tokens,
-            input_bytes: blob.len() as u64,
-            ..DecodePlan::default()
-        };
+        let plan = self;
+        plan.channels = channels;
+        plan.layers = layers.end - layers.start;
+        plan.tokens = h.tokens;
+        plan.input_bytes = blob.len() as u64;
+        // Reserve what the records will need, so that planning does not reallocate.
+        let n_layers = plan.layers as usize;
+        let (t, ch) = (h.tokens as usize, channels as usize);
+        match family {
+            Family::Rans => {
+                plan.rans.parts.reserve(2 * n_layers);
+                plan.rans.freqs.reserve(2 * n_layers * crate::rans::MAX_SYMBOLS);
+                plan.rans.steps.reserve(n_layers * (t + ch));
+                plan.rans.biases.reserve(n_layers * (t + ch));
+                plan.rans.streams.reserve(2 * n_layers * t.div_ceil(8));
+            }
+            Family::Q8 => plan.q8.lo_step.reserve(4 * n_layers * ch),
+            Family::Cachegen => {
+                plan.cachegen.scales.reserve(2 * n_layers * t);
+                plan.cachegen.cdfs.reserve(2 * n_layers * ch * 33);
+            }
+        }
         for (out_layer, i) in layers.enumerate() {
             let payload = c.layer_payload(i);
             let place = LayerPlace {
@@ -272,7 +336,7 @@ impl DecodePlan {
                 Family::Cachegen => cachegen::plan_layer(payload, h.dtype, place, &mut plan.cachegen)?,
             }
         }
-        Ok(plan)
+        Ok(())
     }
 
     /// Appends `other` (a plan whose input starts at 0 and whose tokens start at 0), moved
@@ -315,8 +379,11 @@ impl DecodePlan {
             idx(self.rans.steps.len())?,
             idx(self.rans.escapes.len())?,
         );
+        let rs = idx(self.rans.streams.len())?;
+        count(self.rans.streams.len(), other.rans.streams.len())?;
         self.rans.parts.extend(other.rans.parts.iter().map(|p| RansPart {
             group_start: p.group_start + rg,
+            first_stream: p.first_stream + rs,
             token_offset: p.token_offset + token_offset,
             ..*p
         }));

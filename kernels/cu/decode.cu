@@ -19,7 +19,7 @@ typedef unsigned long long u64;
 typedef int i32;
 typedef long long i64;
 
-struct RansPart { u32 out_slot, per_token, group_start, m, token_offset, r0, r1, r2; };
+struct RansPart { u32 out_slot, per_token, group_start, m, token_offset, first_stream, stream_count, r0; };
 struct RansStream { u32 part, token_start, tokens, escape_start, escape_count, data_len; u64 data_offset; };
 struct Q8Part { u32 out_slot, token_offset, tokens, param_start; u64 data_offset; };
 struct CgPart { u32 out_slot, token_offset, scale_start, cdf_start, max, r0, r1, r2; };
@@ -61,9 +61,9 @@ __device__ __forceinline__ void fail(u32* err, u32 flag, u32 stream) {
     atomicMin(err + 1, stream);
 }
 
-// One 4096-slot decode table per rANS part, packed as the CPU's DecodeTable:
-// freq | (slot - cum) << 13 | symbol << 25. One thread block per part.
-extern "C" __global__ void rans_build_tables(const u16* __restrict__ freqs, u32* __restrict__ tables,
+// One 4096-slot symbol table per rANS part (the symbol owning each probability slot),
+// 4 KiB, which the decoder stages in shared memory. One thread block per part.
+extern "C" __global__ void rans_build_tables(const u16* __restrict__ freqs, u8* __restrict__ tables,
                                              u32 n_parts) {
     const u32 p = blockIdx.x;
     if (p >= n_parts) return;
@@ -80,10 +80,12 @@ extern "C" __global__ void rans_build_tables(const u16* __restrict__ freqs, u32*
     for (u32 slot = threadIdx.x; slot < 4096; slot += blockDim.x) {
         // The largest symbol whose range starts at or before the slot: zero-frequency
         // symbols share their start with the next symbol, so they are never chosen.
-        u32 s = 0;
-        for (u32 k = 1; k < 64; ++k) s = cum[k] <= slot ? k : s;
-        const u32 lo = cum[s];
-        tables[(u64)p * 4096 + slot] = (cum[s + 1] - lo) | ((slot - lo) << 13) | (s << 25);
+        u32 lo = 0, hi = 63;
+        while (lo < hi) {
+            const u32 mid = (lo + hi + 1) >> 1;
+            if (cum[mid] <= slot) lo = mid; else hi = mid - 1;
+        }
+        tables[(u64)p * 4096 + slot] = (u8)lo;
     }
 }
 
@@ -91,106 +93,179 @@ __device__ __forceinline__ u32 rans_word(const u8* s, u32 words, u32 i) {
     return i < words ? ((u32)s[2 * i] | ((u32)s[2 * i + 1] << 8)) : 0u;
 }
 
-// rANS streams of the kv-* profiles: eight threads (one per interleaved lane) per
-// stream, four streams per warp. Lanes step through their stream's symbols together;
-// a ballot over the eight lanes hands out renormalisation words and escape values in
-// symbol order, exactly as the sequential CPU decoder consumes them.
-extern "C" __global__ void __launch_bounds__(256) rans_decode(
-    const u8* __restrict__ input, const RansStream* __restrict__ streams, u32 n_streams,
-    const RansPart* __restrict__ parts, const u32* __restrict__ tables,
+// rANS streams of the kv-* profiles. One thread block per part: its symbol table and
+// (frequency, start) pairs sit in shared memory; eight threads (one per interleaved
+// lane) per stream, `blockDim.x / 8` streams of the part at a time. Lanes step through
+// their stream's symbols together; a ballot over the eight lanes hands out
+// renormalisation words and escape values in symbol order, exactly as the sequential CPU
+// decoder consumes them.
+template <u32 DT>
+__device__ __forceinline__ void store_t(u64 addr, float v) {
+    if (DT == OUT_F32) {
+        *(float*)addr = v;
+    } else {
+        u16 h;
+        if (DT == OUT_F16) {
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        } else {
+            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        }
+        *(u16*)addr = h;
+    }
+}
+
+template <u32 DT>
+__device__ __forceinline__ void rans_decode_impl(
+    const u8* __restrict__ input, const RansStream* __restrict__ streams,
+    const RansPart* __restrict__ parts, const u8* __restrict__ tables, const u16* __restrict__ freqs,
     const float* __restrict__ steps, const i32* __restrict__ biases, const i32* __restrict__ escapes,
     const u64* __restrict__ slots, const i32* __restrict__ block_table, u32 block_size, u32 channels,
-    u32 dtype, u32* err) {
-    const u32 tid = blockIdx.x * blockDim.x + threadIdx.x;
-    const u32 sid = tid >> 3;
-    const u32 lane = tid & 7;
+    u32* err) {
+    __shared__ __align__(16) u8 sym_tab[4096];
+    __shared__ u32 fc[64];  // freq | cum << 16
+    const u32 part = blockIdx.x;
+    const RansPart p = parts[part];
+    for (u32 i = threadIdx.x; i < 256; i += blockDim.x)
+        ((uint4*)sym_tab)[i] = ((const uint4*)(tables + (u64)part * 4096))[i];
+    for (u32 s = threadIdx.x; s < 64; s += blockDim.x) {
+        u32 c = 0;
+        for (u32 k = 0; k < s; ++k) c += freqs[(u64)part * 64 + k];
+        fc[s] = (u32)freqs[(u64)part * 64 + s] | (c << 16);
+    }
+    __syncthreads();
+
+    constexpr u32 ES = DT == OUT_F32 ? 4u : 2u;
+    const u32 lane = threadIdx.x & 7;
     const u32 shift = threadIdx.x & 24;  // this group's first lane in the warp
     const u32 below = (1u << lane) - 1u;
-    const bool live = sid < n_streams;
-
-    RansStream st = {0, 0, 0, 0, 0, 0, 0};
-    RansPart p = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (live) {
-        st = streams[sid];
-        p = parts[st.part];
-    }
-    const u32 n = st.tokens * channels;
-    const u32 words = st.data_len >> 1;
-    const u8* s = input + st.data_offset;
-    const u32* tab = tables + (u64)st.part * 4096;
     const float* gstep = steps + p.group_start;
     const i32* gbias = biases + p.group_start;
     const u32 esc_sym = 2 * p.m + 1;
-    const u32 esize = dtype == OUT_F32 ? 4u : 2u;
-    const u32 row_bytes = channels * esize;
+    const u32 row_bytes = channels * ES;
+    const u32 per_round = blockDim.x >> 3;
+    const bool per_token = p.per_token != 0;
+    const u64 slot_base = slots[p.out_slot];
 
-    u32 x = live ? (rans_word(s, words, 2 * lane) | (rans_word(s, words, 2 * lane + 1) << 16)) : 65536u;
-    bool bad = x < 65536u;
-    u32 pos = 16;
-    u32 esc_used = 0;
-    // Symbol i = 8k + lane sits at token i / channels, channel i % channels.
-    u32 ch = lane, t = 0;
-    while (ch >= channels) {
-        ch -= channels;
-        ++t;
-    }
-    const u32 my_steps = live ? (n + 7) >> 3 : 0u;
-    const u32 trips = __reduce_max_sync(0xffffffffu, my_steps);
-    u32 cur_tok = 0xffffffffu;
-    u64 row = 0;
-    for (u32 k = 0; k < trips; ++k) {
-        const u32 i = (k << 3) + lane;
-        const bool act = i < n;
-        u32 sym = 0;
-        bool need = false;
-        if (act) {
-            const u32 e = __ldg(tab + (x & 4095u));
-            const u32 y = (e & 0x1FFFu) * (x >> 12) + ((e >> 13) & 0xFFFu);
-            need = y < 65536u;
-            x = y;
-            sym = e >> 25;
-        }
-        const u32 nb = (__ballot_sync(0xffffffffu, need) >> shift) & 0xFFu;
-        if (need) x = (x << 16) | rans_word(s, words, pos + __popc(nb & below));
-        pos += __popc(nb);
-        const bool esc = act && sym == esc_sym;
-        const u32 eb = (__ballot_sync(0xffffffffu, esc) >> shift) & 0xFFu;
-        if (act) {
-            const u32 g = p.per_token ? st.token_start + t : ch;
-            float v;
-            if (!esc) {
-                // (s + bias) wraps in i32 like the CPU's wrapping_add, then rounds to f32.
-                v = __fmul_rn(__int2float_rn((i32)(sym + (u32)gbias[g])), gstep[g]);
-            } else {
-                const u32 ord = esc_used + __popc(eb & below);
-                if (ord < st.escape_count) {
-                    const i64 q = (i64)escapes[st.escape_start + ord] + (i64)gbias[g] + (i64)p.m;
-                    v = __fmul_rn(__ll2float_rn(q), gstep[g]);
-                } else {
-                    bad = true;
-                    v = 0.0f;
-                }
-            }
-            const u32 tok = p.token_offset + st.token_start + t;
-            if (tok != cur_tok) {
-                cur_tok = tok;
-                row = row_addr(slots, block_table, block_size, row_bytes, p.out_slot + 0, tok);
-            }
-            store(row + (u64)ch * esize, dtype, v);
-        }
-        esc_used += __popc(eb);
-        ch += 8;
+    for (u32 round = 0; round < p.stream_count; round += per_round) {
+        const u32 local = round + (threadIdx.x >> 3);
+        const bool live = local < p.stream_count;
+        const u32 sid = p.first_stream + local;
+        RansStream st = {0, 0, 0, 0, 0, 0, 0};
+        if (live) st = streams[sid];
+        const u32 n = st.tokens * channels;
+        const u32 words = st.data_len >> 1;
+        const u8* s = input + st.data_offset;
+
+        u32 x = live ? (rans_word(s, words, 2 * lane) | (rans_word(s, words, 2 * lane + 1) << 16)) : 65536u;
+        bool bad = x < 65536u;
+        u32 pos = 16;
+        u32 esc_used = 0;
+        // Symbol i = 8k + lane sits at token i / channels, channel i % channels.
+        u32 ch = lane, t = 0;
         while (ch >= channels) {
             ch -= channels;
             ++t;
         }
-    }
-    if (live) {
-        if (bad || x != 65536u) fail(err, ERR_RANS_STATE, sid);
-        if (lane == 0 && pos != words) fail(err, ERR_RANS_WORDS, sid);
-        if (lane == 0 && esc_used != st.escape_count) fail(err, ERR_ESCAPES, sid);
+        // Loads are issued a step before their use, so that their latency overlaps the
+        // decoding chain instead of lengthening it: the window of the eight words the
+        // group may consume next (lane l holds word pos + l; a lane that needs one takes
+        // it from the window by shuffle), the group parameters of the lane's next symbol,
+        // and the output address of its next element.
+        u32 win = live ? rans_word(s, words, pos + lane) : 0u;
+        i32 bias = 0;
+        float stp = 0.0f;
+        u64 out = 0;
+        if (lane < n) {
+            const u32 g = per_token ? st.token_start + t : ch;
+            bias = __ldg(gbias + g);
+            stp = __ldg(gstep + g);
+            const u32 tok = p.token_offset + st.token_start + t;
+            out = slot_base + ((u64)(u32)block_table[tok / block_size] * block_size + tok % block_size) * row_bytes +
+                  (u64)ch * ES;
+        }
+        const u32 my_steps = live ? (n + 7) >> 3 : 0u;
+        const u32 trips = __reduce_max_sync(0xffffffffu, my_steps);
+        for (u32 k = 0; k < trips; ++k) {
+            const u32 i = (k << 3) + lane;
+            const bool act = i < n;
+            u32 sym = 0;
+            bool need = false;
+            if (act) {
+                sym = sym_tab[x & 4095u];
+                const u32 f = fc[sym];
+                const u32 y = (f & 0xFFFFu) * (x >> 12) + (x & 4095u) - (f >> 16);
+                need = y < 65536u;
+                x = y;
+            }
+            const u32 nb = (__ballot_sync(0xffffffffu, need) >> shift) & 0xFFu;
+            const u32 w = __shfl_sync(0xffffffffu, win, shift + __popc(nb & below));
+            if (need) x = (x << 16) | w;
+            pos += __popc(nb);
+            win = rans_word(s, words, pos + lane);
+            const bool esc = act && sym == esc_sym;
+            const u32 eb = (__ballot_sync(0xffffffffu, esc) >> shift) & 0xFFu;
+            if (act) {
+                float v;
+                if (!esc) {
+                    // (s + bias) wraps in i32 like the CPU's wrapping_add, then rounds to f32.
+                    v = __fmul_rn(__int2float_rn((i32)(sym + (u32)bias)), stp);
+                } else {
+                    const u32 ord = esc_used + __popc(eb & below);
+                    if (ord < st.escape_count) {
+                        const i64 q = (i64)escapes[st.escape_start + ord] + (i64)bias + (i64)p.m;
+                        v = __fmul_rn(__ll2float_rn(q), stp);
+                    } else {
+                        bad = true;
+                        v = 0.0f;
+                    }
+                }
+                store_t<DT>(out, v);
+            }
+            esc_used += __popc(eb);
+            ch += 8;
+            if (ch < channels) {
+                out += 8 * ES;
+                if (!per_token && i + 8 < n) {
+                    bias = __ldg(gbias + ch);
+                    stp = __ldg(gstep + ch);
+                }
+            } else {
+                while (ch >= channels) {
+                    ch -= channels;
+                    ++t;
+                }
+                if (i + 8 < n) {
+                    const u32 g = per_token ? st.token_start + t : ch;
+                    bias = __ldg(gbias + g);
+                    stp = __ldg(gstep + g);
+                    const u32 tok = p.token_offset + st.token_start + t;
+                    out = slot_base +
+                          ((u64)(u32)block_table[tok / block_size] * block_size + tok % block_size) * row_bytes +
+                          (u64)ch * ES;
+                }
+            }
+        }
+        if (live) {
+            if (bad || x != 65536u) fail(err, ERR_RANS_STATE, sid);
+            if (lane == 0 && pos != words) fail(err, ERR_RANS_WORDS, sid);
+            if (lane == 0 && esc_used != st.escape_count) fail(err, ERR_ESCAPES, sid);
+        }
     }
 }
+
+#define RANS_DECODE(NAME, DT)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                                    \
+        const u8* __restrict__ input, const RansStream* __restrict__ streams,                                   \
+        const RansPart* __restrict__ parts, const u8* __restrict__ tables, const u16* __restrict__ freqs,     \
+        const float* __restrict__ steps, const i32* __restrict__ biases, const i32* __restrict__ escapes,     \
+        const u64* __restrict__ slots, const i32* __restrict__ block_table, u32 block_size, u32 channels,     \
+        u32* err) {                                                                                              \
+        rans_decode_impl<DT>(input, streams, parts, tables, freqs, steps, biases, escapes, slots, block_table, \
+                             block_size, channels, err);                                                        \
+    }
+RANS_DECODE(rans_decode_f16, OUT_F16)
+RANS_DECODE(rans_decode_bf16, OUT_BF16)
+RANS_DECODE(rans_decode_f32, OUT_F32)
 
 // q8: one element per thread; blockIdx.y picks the part (offset by part_base).
 extern "C" __global__ void q8_decode(const u8* __restrict__ input, const Q8Part* __restrict__ parts,
@@ -271,4 +346,16 @@ extern "C" __global__ void cachegen_decode(const u8* __restrict__ input, const C
             }
         }
     }
+}
+
+// Copies rows of a canonical `[slot][token][row_bytes]` buffer into the output layout:
+// how chunks decoded on the CPU (profiles without a GPU decoder) reach paged caches.
+// grid = (tokens, slots).
+extern "C" __global__ void scatter_rows(const u8* __restrict__ src, u32 tokens, u32 row_bytes,
+                                        const u64* __restrict__ slots, const i32* __restrict__ block_table,
+                                        u32 block_size) {
+    const u32 tok = blockIdx.x, slot = blockIdx.y;
+    const u8* from = src + ((u64)slot * tokens + tok) * row_bytes;
+    u8* to = (u8*)(slots[slot] + ((u64)(u32)block_table[tok / block_size] * block_size + tok % block_size) * row_bytes);
+    for (u32 i = threadIdx.x; i < row_bytes; i += blockDim.x) to[i] = from[i];
 }

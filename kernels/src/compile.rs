@@ -74,7 +74,15 @@ mod tests {
         for arch in ["sm_90", "compute_80"] {
             let ptx = compile_all(arch).unwrap();
             for (name, text) in ptx {
-                for entry in ["rans_build_tables", "rans_decode", "q8_decode", "cachegen_decode"] {
+                for entry in [
+                    "rans_build_tables",
+                    "rans_decode_f16",
+                    "rans_decode_bf16",
+                    "rans_decode_f32",
+                    "q8_decode",
+                    "cachegen_decode",
+                    "scatter_rows",
+                ] {
                     assert!(
                         text.contains(&format!(".entry {entry}")),
                         "{name} for {arch} lacks {entry}"

@@ -5,10 +5,10 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg, sys,
 };
-use kvault_codec::plan::{DecodePlan, PlanRecord, as_bytes};
+use kvault_codec::plan::{DecodePlan, as_bytes};
 use rayon::prelude::*;
 
 use crate::compile::decode_ptx;
@@ -63,9 +63,11 @@ pub enum Target<'a> {
 
 struct Kernels {
     build_tables: CudaFunction,
-    rans: CudaFunction,
+    /// rans_decode per output dtype (f16, bf16, f32).
+    rans: [CudaFunction; 3],
     q8: CudaFunction,
     cachegen: CudaFunction,
+    scatter: CudaFunction,
     _module: Arc<CudaModule>,
 }
 
@@ -73,8 +75,20 @@ struct Kernels {
 struct Scratch {
     input: Option<CudaSlice<u8>>,
     plan: Option<CudaSlice<u8>>,
-    tables: Option<CudaSlice<u32>>,
+    tables: Option<CudaSlice<u8>>,
     err: CudaSlice<u32>,
+    /// Events around each enqueued plan's kernels, for [`GpuDecoder::last_kernel_ms`].
+    timings: Vec<(CudaEvent, CudaEvent)>,
+    /// Kernel time of the last completed decode.
+    last_ms: Option<f32>,
+    /// Pinned host staging for plan uploads (true async DMA), and how much of it the
+    /// plans enqueued since the last [`GpuDecoder::finish`] occupy.
+    staging: Option<PinnedHostSlice<u8>>,
+    staging_used: usize,
+    /// Plans of the chunks and of a group, reused between calls so that planning touches
+    /// no fresh memory (page faults dominated it).
+    chunk_plans: Vec<DecodePlan>,
+    group_plan: DecodePlan,
 }
 
 /// A CUDA decoder for codec containers on one device. Kernels are compiled once per
@@ -92,35 +106,30 @@ pub struct GpuDecoder {
 /// Section alignment inside the uploaded plan buffer.
 const ALIGN: usize = 256;
 
-/// Offsets of a plan's arrays inside one uploaded buffer.
-#[derive(Default)]
-struct Packed {
-    bytes: Vec<u8>,
-}
-
-impl Packed {
-    fn push<T: PlanRecord>(&mut self, v: &[T]) -> u64 {
-        let at = self.bytes.len().next_multiple_of(ALIGN);
-        self.bytes.resize(at, 0);
-        self.bytes.extend_from_slice(as_bytes(v));
-        at as u64
-    }
-}
-
 impl GpuDecoder {
     /// Opens device `ordinal`, compiling the kernels for it on first use in this process.
     pub fn new(ordinal: usize) -> Result<GpuDecoder, KernelError> {
         driver_ready(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(|e| KernelError::NoGpu(e.to_string()))?;
+        // The decoder orders its copy and decode streams with explicit events; cudarc's
+        // implicit per-buffer events would serialise a group's copy behind the previous
+        // group's decode (they share the input buffer) and undo the pipelining.
+        // SAFETY: no allocation of this context is in use by other streams yet.
+        unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability().map_err(cuda)?;
         let arch = format!("sm_{major}{minor}");
         let module = ctx.load_module(decode_ptx(&arch)?).map_err(cuda)?;
         let f = |n: &str| module.load_function(n).map_err(cuda);
         let k = Kernels {
             build_tables: f("rans_build_tables")?,
-            rans: f("rans_decode")?,
+            rans: [
+                f("rans_decode_f16")?,
+                f("rans_decode_bf16")?,
+                f("rans_decode_f32")?,
+            ],
             q8: f("q8_decode")?,
             cachegen: f("cachegen_decode")?,
+            scatter: f("scatter_rows")?,
             _module: module.clone(),
         };
         let stream = ctx.new_stream().map_err(cuda)?;
@@ -138,6 +147,12 @@ impl GpuDecoder {
                 plan: None,
                 tables: None,
                 err,
+                timings: Vec::new(),
+                last_ms: None,
+                staging: None,
+                staging_used: 0,
+                chunk_plans: Vec::new(),
+                group_plan: DecodePlan::new(),
             }),
         })
     }
@@ -189,14 +204,86 @@ impl GpuDecoder {
         if blobs.is_empty() {
             return Ok(());
         }
-        // Plans of every chunk in parallel (parsing includes each container's checksum).
-        let plans: Vec<DecodePlan> = blobs
-            .par_iter()
-            .map(|b| DecodePlan::of_container(b, layers.clone()))
-            .collect::<Result<_, _>>()?;
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        // A call that failed half-way may have left kernels reading the input buffer.
+        self.stream.synchronize().map_err(cuda)?;
+        // 1. Every group's bytes start copying at once (copy stream, one event per group)...
+        let total: usize = blobs.iter().map(|b| b.len()).sum();
+        self.grow_input(&mut scratch, total)?;
+        let groups = batches.clamp(1, blobs.len());
+        let per = blobs.len().div_ceil(groups);
+        let mut copied = Vec::with_capacity(groups);
+        {
+            let input = scratch
+                .input
+                .as_mut()
+                .ok_or_else(|| KernelError::Cuda("no input buffer".into()))?;
+            let mut at = 0usize;
+            for group in blobs.chunks(per) {
+                let start = at;
+                for b in group {
+                    let mut dst = input.slice_mut(at..at + b.len());
+                    self.copy.memcpy_htod(*b, &mut dst).map_err(cuda)?;
+                    at += b.len();
+                }
+                copied.push((start, self.copy.record_event(None).map_err(cuda)?));
+            }
+        }
+        // 2. ...while the host plans every chunk in parallel (parsing checks each checksum).
+        let mut plans = std::mem::take(&mut scratch.chunk_plans);
+        plans.resize_with(blobs.len().max(plans.len()), DecodePlan::new);
+        let result = self.plan_and_enqueue(
+            &mut scratch,
+            &mut plans,
+            blobs,
+            layers,
+            dtype,
+            &mut target,
+            per,
+            &copied,
+        );
+        scratch.chunk_plans = plans;
+        if let Err(e) = result {
+            self.abandon(&mut scratch)?;
+            return Err(e);
+        }
+        self.finish(&mut scratch)
+    }
+
+    /// After a failure half-way through enqueueing: waits for what was enqueued and resets
+    /// the per-call state, so the next call starts clean.
+    fn abandon(&self, s: &mut Scratch) -> Result<(), KernelError> {
+        self.copy.synchronize().map_err(cuda)?;
+        self.stream.synchronize().map_err(cuda)?;
+        s.staging_used = 0;
+        s.timings.clear();
+        self.stream
+            .memcpy_htod(&[0u32, u32::MAX], &mut s.err)
+            .map_err(cuda)?;
+        self.stream.synchronize().map_err(cuda)
+    }
+
+    /// Plans every chunk (in parallel) and enqueues each group's decode behind its copy.
+    #[allow(clippy::too_many_arguments)]
+    fn plan_and_enqueue(
+        &self,
+        scratch: &mut Scratch,
+        plans: &mut [DecodePlan],
+        blobs: &[&[u8]],
+        layers: Option<Range<u32>>,
+        dtype: OutDtype,
+        target: &mut Target<'_>,
+        per: usize,
+        copied: &[(usize, CudaEvent)],
+    ) -> Result<(), KernelError> {
+        let plans = &mut plans[..blobs.len()];
+        plans
+            .par_iter_mut()
+            .zip(blobs.par_iter())
+            .try_for_each(|(p, b)| p.plan_container(b, layers.clone()))?;
         let (channels, nl) = (plans[0].channels, plans[0].layers);
         let mut tokens = 0u32;
-        for p in &plans {
+        for p in plans.iter() {
             if p.channels != channels || p.layers != nl {
                 return Err(KernelError::Layout(
                     "chunks of different shapes in one decode".into(),
@@ -206,49 +293,42 @@ impl GpuDecoder {
                 .checked_add(p.tokens)
                 .ok_or_else(|| KernelError::Layout("too many tokens".into()))?;
         }
-        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let (layout, _guards) = self.layout(&mut target, nl, tokens, channels, dtype)?;
-        // One device input buffer holding every chunk; each group is copied into its place.
-        let total: usize = blobs.iter().map(|b| b.len()).sum();
-        self.grow_input(&mut scratch, total)?;
-        let groups = batches.clamp(1, blobs.len());
-        let per = blobs.len().div_ceil(groups);
-        let (mut at, mut tok) = (0usize, 0u32);
-        for (gi, (group, gplans)) in blobs.chunks(per).zip(plans.chunks(per)).enumerate() {
-            let mut plan = DecodePlan::new();
-            let (start, mut off) = (at, 0u64);
-            for (b, p) in group.iter().zip(gplans) {
-                plan.merge(p, off, tok)?;
+        let (layout, _guards) = self.layout(target, nl, tokens, channels, dtype)?;
+        let input_base = {
+            let input = scratch
+                .input
+                .as_ref()
+                .ok_or_else(|| KernelError::Cuda("no input buffer".into()))?;
+            let (ptr, _sync) = input.device_ptr(&self.stream);
+            ptr
+        };
+        // 3. Each group decodes as soon as its bytes are on the device.
+        let mut group = std::mem::take(&mut scratch.group_plan);
+        let mut tok = 0u32;
+        let mut result = Ok(());
+        for ((chunk, gplans), (start, ready)) in blobs.chunks(per).zip(plans.chunks(per)).zip(copied) {
+            group.clear();
+            let mut off = 0u64;
+            for (b, p) in chunk.iter().zip(gplans) {
+                if let Err(e) = group.merge(p, off, tok) {
+                    result = Err(e.into());
+                    break;
+                }
                 off += b.len() as u64;
                 tok += p.tokens;
             }
-            // Copy the group on the copy stream; the decode stream waits for it.
-            let input = scratch
-                .input
-                .as_mut()
-                .ok_or_else(|| KernelError::Cuda("no input buffer".into()))?;
-            for b in group {
-                let mut dst = input.slice_mut(at..at + b.len());
-                self.copy.memcpy_htod(*b, &mut dst).map_err(cuda)?;
-                at += b.len();
+            if result.is_ok() {
+                result =
+                    self.stream.wait(ready).map_err(cuda).and_then(|()| {
+                        self.enqueue(scratch, &group, input_base + *start as u64, &layout, dtype)
+                    });
             }
-            let ready = self.copy.record_event(None).map_err(cuda)?;
-            self.stream.wait(&ready).map_err(cuda)?;
-            let base = {
-                let input = scratch
-                    .input
-                    .as_ref()
-                    .ok_or_else(|| KernelError::Cuda("no input buffer".into()))?;
-                let (ptr, _sync) = input.device_ptr(&self.stream);
-                ptr + start as u64
-            };
-            self.enqueue(&mut scratch, &plan, base, &layout, dtype)
-                .map_err(|e| match e {
-                    KernelError::Layout(m) => KernelError::Layout(format!("group {gi}: {m}")),
-                    e => e,
-                })?;
+            if result.is_err() {
+                break;
+            }
         }
-        self.finish(&mut scratch)
+        scratch.group_plan = group;
+        result
     }
 
     /// Decodes `plan`, whose input bytes are already on the device at `input` (input
@@ -270,8 +350,76 @@ impl GpuDecoder {
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let (layout, _guards) = self.layout(&mut target, plan.layers, plan.tokens, plan.channels, dtype)?;
         let (base, _sync) = input.device_ptr(&self.stream);
-        self.enqueue(&mut scratch, plan, base, &layout, dtype)?;
+        if let Err(e) = self.enqueue(&mut scratch, plan, base, &layout, dtype) {
+            self.abandon(&mut scratch)?;
+            return Err(e);
+        }
         self.finish(&mut scratch)
+    }
+
+    /// Copies an already decoded canonical tensor (`[layers, 2, tokens, kv_heads,
+    /// head_dim]` in `dtype`, host memory) into `target`: the path for chunks whose profile
+    /// has no GPU decoder (lossless), decoded on the CPU.
+    pub fn upload_canonical(
+        &self,
+        host: &[u8],
+        layers: u32,
+        tokens: u32,
+        channels: u32,
+        dtype: OutDtype,
+        mut target: Target<'_>,
+    ) -> Result<(), KernelError> {
+        let row = channels as usize * dtype.size();
+        let want = 2 * layers as usize * tokens as usize * row;
+        if host.len() != want {
+            return Err(KernelError::Layout(format!(
+                "canonical host tensor of {} bytes, {layers} layers of {tokens} tokens need {want}",
+                host.len()
+            )));
+        }
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        self.stream.synchronize().map_err(cuda)?;
+        if let Target::Canonical(out) = &mut target {
+            if out.len() != want {
+                return Err(KernelError::Layout(format!(
+                    "canonical output of {} bytes for {want} decoded bytes",
+                    out.len()
+                )));
+            }
+            self.stream.memcpy_htod(host, &mut **out).map_err(cuda)?;
+            return self.stream.synchronize().map_err(cuda);
+        }
+        self.grow_input(&mut scratch, want)?;
+        let (layout, _guards) = self.layout(&mut target, layers, tokens, channels, dtype)?;
+        let input = scratch
+            .input
+            .as_mut()
+            .ok_or_else(|| KernelError::Cuda("no input buffer".into()))?;
+        self.stream
+            .memcpy_htod(host, &mut input.slice_mut(..want))
+            .map_err(cuda)?;
+        let slots = self.stream.clone_htod(&layout.slots).map_err(cuda)?;
+        let table = self.stream.clone_htod(&layout.block_table).map_err(cuda)?;
+        let (src, rb, bs) = (
+            {
+                let (p, _s) = input.device_ptr(&self.stream);
+                p
+            },
+            row as u32,
+            layout.block_size,
+        );
+        if tokens > 0 && layers > 0 {
+            let mut b = self.stream.launch_builder(&self.k.scatter);
+            b.arg(&src).arg(&tokens).arg(&rb).arg(&slots).arg(&table).arg(&bs);
+            let cfg = LaunchConfig {
+                grid_dim: (tokens, 2 * layers, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match the kernel; the layout was checked against the caches.
+            unsafe { b.launch(cfg) }.map_err(cuda)?;
+        }
+        self.stream.synchronize().map_err(cuda)
     }
 
     /// Output addresses for a target, after checking its sizes.
@@ -342,6 +490,7 @@ impl GpuDecoder {
     fn grow_input(&self, s: &mut Scratch, len: usize) -> Result<(), KernelError> {
         if s.input.as_ref().is_none_or(|b| b.len() < len) {
             self.stream.synchronize().map_err(cuda)?;
+            self.copy.synchronize().map_err(cuda)?;
             s.input = None;
             // SAFETY: every byte a kernel reads is copied in before the kernel runs.
             s.input = Some(unsafe { self.stream.alloc::<u8>(len.max(1)) }.map_err(cuda)?);
@@ -361,42 +510,83 @@ impl GpuDecoder {
         if plan.is_empty() {
             return Ok(());
         }
-        let mut packed = Packed::default();
         let r = &plan.rans;
-        let rs = packed.push(&r.streams);
-        let rp = packed.push(&r.parts);
-        let rf = packed.push(&r.freqs);
-        let rst = packed.push(&r.steps);
-        let rb = packed.push(&r.biases);
-        let re = packed.push(&r.escapes);
-        let qp = packed.push(&plan.q8.parts);
-        let ql = packed.push(&plan.q8.lo_step);
         let g = &plan.cachegen;
-        let cs = packed.push(&g.streams);
-        let cp = packed.push(&g.parts);
-        let csc = packed.push(&g.scales);
-        let cc = packed.push(&g.cdfs);
         let slots: Vec<u32> = layout
             .slots
             .iter()
             .flat_map(|&a| [a as u32, (a >> 32) as u32])
             .collect();
-        let sl = packed.push(&slots);
-        let bt = packed.push(&layout.block_table);
-        packed.bytes.resize(packed.bytes.len().next_multiple_of(ALIGN), 0);
-        if s.plan.as_ref().is_none_or(|b| b.len() < packed.bytes.len()) {
+        // Every array of the plan in one upload, each section 256-byte aligned.
+        let sections: [&[u8]; 14] = [
+            as_bytes(&r.streams),
+            as_bytes(&r.parts),
+            as_bytes(&r.freqs),
+            as_bytes(&r.steps),
+            as_bytes(&r.biases),
+            as_bytes(&r.escapes),
+            as_bytes(&plan.q8.parts),
+            as_bytes(&plan.q8.lo_step),
+            as_bytes(&g.streams),
+            as_bytes(&g.parts),
+            as_bytes(&g.scales),
+            as_bytes(&g.cdfs),
+            as_bytes(&slots),
+            as_bytes(&layout.block_table),
+        ];
+        let mut offsets = [0u64; 14];
+        let mut total = 0usize;
+        for (o, sec) in offsets.iter_mut().zip(&sections) {
+            *o = total as u64;
+            total = (total + sec.len()).next_multiple_of(ALIGN);
+        }
+        let [rs, rp, rf, rst, rb, re, qp, ql, cs, cp, csc, cc, sl, bt] = offsets;
+        // Stage in pinned memory: the copy is then a true asynchronous DMA. Plans of one
+        // call take consecutive regions, since earlier ones may still be in flight.
+        if s.staging
+            .as_ref()
+            .is_none_or(|b| b.len() < s.staging_used + total)
+        {
+            self.stream.synchronize().map_err(cuda)?;
+            let cap = (2 * (s.staging_used + total)).max(1 << 20);
+            s.staging = None;
+            s.staging_used = 0;
+            // SAFETY: every byte uploaded is written below first.
+            s.staging = Some(unsafe { self.ctx.alloc_pinned_with_flags::<u8>(cap, 0) }.map_err(cuda)?);
+        }
+        let at = s.staging_used;
+        let staging = s
+            .staging
+            .as_mut()
+            .ok_or_else(|| KernelError::Cuda("no staging buffer".into()))?;
+        {
+            let host = staging.as_mut_slice().map_err(cuda)?;
+            for (&o, sec) in offsets.iter().zip(&sections) {
+                host[at + o as usize..][..sec.len()].copy_from_slice(sec);
+            }
+        }
+        s.staging_used = at + total;
+        if s.plan.as_ref().is_none_or(|b| b.len() < total) {
             self.stream.synchronize().map_err(cuda)?;
             s.plan = None;
             // SAFETY: filled by the copy below before any kernel reads it.
-            s.plan = Some(unsafe { self.stream.alloc::<u8>(packed.bytes.len()) }.map_err(cuda)?);
+            s.plan = Some(unsafe { self.stream.alloc::<u8>(total) }.map_err(cuda)?);
         }
         let plan_buf = s
             .plan
             .as_mut()
             .ok_or_else(|| KernelError::Cuda("no plan buffer".into()))?;
-        self.stream
-            .memcpy_htod(&packed.bytes, &mut plan_buf.slice_mut(..packed.bytes.len()))
-            .map_err(cuda)?;
+        {
+            let staged = &s
+                .staging
+                .as_ref()
+                .ok_or_else(|| KernelError::Cuda("no staging buffer".into()))?
+                .as_slice()
+                .map_err(cuda)?[at..at + total];
+            self.stream
+                .memcpy_htod(staged, &mut plan_buf.slice_mut(..total))
+                .map_err(cuda)?;
+        }
         let base = {
             let (p, _sync) = plan_buf.device_ptr(&self.stream);
             p
@@ -406,16 +596,19 @@ impl GpuDecoder {
             p
         };
         let (channels, dt, bsz) = (plan.channels, dtype as u32, layout.block_size);
+        let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream.record_event(timed).map_err(cuda)?;
         let (slots_p, table_p) = (base + sl, base + bt);
 
         if !r.parts.is_empty() {
-            let n_parts = r.parts.len() as u32;
+            let n_parts =
+                u32::try_from(r.parts.len()).map_err(|_| KernelError::Layout("too many parts".into()))?;
             let need = r.parts.len() * 4096;
             if s.tables.as_ref().is_none_or(|t| t.len() < need) {
                 self.stream.synchronize().map_err(cuda)?;
                 s.tables = None;
                 // SAFETY: rans_build_tables writes every slot before rans_decode reads it.
-                s.tables = Some(unsafe { self.stream.alloc::<u32>(need) }.map_err(cuda)?);
+                s.tables = Some(unsafe { self.stream.alloc::<u8>(need) }.map_err(cuda)?);
             }
             let tables = {
                 let t = s
@@ -430,18 +623,17 @@ impl GpuDecoder {
             b.arg(&freqs).arg(&tables).arg(&n_parts);
             // SAFETY: arguments match the kernel's signature; tables holds n_parts * 4096.
             unsafe { b.launch(config(n_parts, 256)) }.map_err(cuda)?;
-            let n_streams = u32::try_from(r.streams.len())
-                .ok()
-                .filter(|&n| n < u32::MAX / 8)
-                .ok_or_else(|| KernelError::Layout("too many streams".into()))?;
+            // Eight threads per stream, up to 32 streams of a part at a time.
+            let widest = r.parts.iter().map(|p| p.stream_count).max().unwrap_or(1);
+            let threads = 8 * widest.clamp(4, 32).next_multiple_of(4);
             let (streams, parts, steps, biases, escapes) =
                 (base + rs, base + rp, base + rst, base + rb, base + re);
-            let mut b = self.stream.launch_builder(&self.k.rans);
+            let mut b = self.stream.launch_builder(&self.k.rans[dtype as usize]);
             b.arg(&input)
                 .arg(&streams)
-                .arg(&n_streams)
                 .arg(&parts)
                 .arg(&tables)
+                .arg(&freqs)
                 .arg(&steps)
                 .arg(&biases)
                 .arg(&escapes)
@@ -449,10 +641,9 @@ impl GpuDecoder {
                 .arg(&table_p)
                 .arg(&bsz)
                 .arg(&channels)
-                .arg(&dt)
                 .arg(&err);
             // SAFETY: as above; every index the kernel follows was checked by the planner.
-            unsafe { b.launch(config((n_streams * 8).div_ceil(256), 256)) }.map_err(cuda)?;
+            unsafe { b.launch(config(n_parts, threads)) }.map_err(cuda)?;
         }
         if !plan.q8.parts.is_empty() {
             let (parts, lo) = (base + qp, base + ql);
@@ -506,13 +697,27 @@ impl GpuDecoder {
             // SAFETY: arguments match the kernel's signature.
             unsafe { b.launch(config(n_streams.div_ceil(128), 128)) }.map_err(cuda)?;
         }
+        let end = self.stream.record_event(timed).map_err(cuda)?;
+        s.timings.push((start, end));
         Ok(())
+    }
+
+    /// GPU time of the kernels of the last completed decode (table builds and decodes,
+    /// without copies and planning), in milliseconds.
+    pub fn last_kernel_ms(&self) -> Option<f32> {
+        self.scratch.lock().unwrap_or_else(|e| e.into_inner()).last_ms
     }
 
     /// Waits for the decode stream and turns the kernels' error word into a result.
     fn finish(&self, s: &mut Scratch) -> Result<(), KernelError> {
         let err = self.stream.clone_dtoh(&s.err).map_err(cuda)?;
         self.stream.synchronize().map_err(cuda)?;
+        s.staging_used = 0;
+        let mut ms = 0f32;
+        for (a, b) in s.timings.drain(..) {
+            ms += a.elapsed_ms(&b).map_err(cuda)?;
+        }
+        s.last_ms = Some(ms);
         if err.first().copied().unwrap_or(0) != 0 {
             self.stream
                 .memcpy_htod(&[0u32, u32::MAX], &mut s.err)

@@ -156,11 +156,12 @@ pub async fn export(a: ExportArgs) -> anyhow::Result<()> {
         );
     } else {
         println!(
-            "found {} of {} tokens ({} chunks, {} bytes fetched) -> {}",
+            "found {} of {} tokens ({} chunks, {} bytes fetched in {:.3} s) -> {}",
             r.tokens_found,
             r.tokens_asked,
             r.chunks,
             r.wire_bytes,
+            r.seconds,
             a.out.display()
         );
     }
