@@ -520,7 +520,7 @@ mod tests {
                 let ch = (i % 16) as f32;
                 let v = (s % 2001) as f32 / 1000.0 - 1.0 + ch * 0.1;
                 // An outlier now and then, to exercise escapes.
-                let v = if s % 97 == 0 { v * 40.0 } else { v };
+                let v = if s.is_multiple_of(97) { v * 40.0 } else { v };
                 half::f16::from_f32(v).to_bits().to_le_bytes()
             })
             .collect();
@@ -554,6 +554,10 @@ mod tests {
         bad[n / 2] ^= 0x40;
         assert!(plan.add(&bad, 0, 75, None).is_err());
         assert_eq!(plan.rans.streams.len(), before);
+        assert_eq!(crate::peek_profile(&lossless).unwrap(), Profile::Lossless);
+        assert_eq!(crate::peek_profile(&a).unwrap(), Profile::KvMid);
+        assert!(crate::peek_profile(&a[..5]).is_err());
+        assert!(crate::peek_profile(b"nope, not a container").is_err());
         for p in [Profile::Q8, Profile::CachegenBaseline] {
             let blob = crate::encode(tensor(3, 300, 4).view(), p).unwrap();
             let mut plan = DecodePlan::new();

@@ -103,6 +103,9 @@ pub struct GpuDecoder {
     scratch: Mutex<Scratch>,
 }
 
+/// Compressed bytes below which a pipelined decode does not split into another group.
+const MIN_GROUP_BYTES: usize = 8 << 20;
+
 /// Section alignment inside the uploaded plan buffer.
 const ALIGN: usize = 256;
 
@@ -190,9 +193,11 @@ impl GpuDecoder {
         self.decode_pipelined(blobs, layers, dtype, target, 1)
     }
 
-    /// As [`decode`](Self::decode), in `batches` groups of chunks: the host-to-device copy
-    /// of one group (on a copy stream) overlaps the decoding of the previous one. With
-    /// `blobs` in pinned host memory the copies are true DMA transfers.
+    /// As [`decode`](Self::decode), in up to `batches` groups of chunks (fewer for small
+    /// inputs, at least 8 MiB of compressed bytes per group): every group's host-to-device
+    /// copy starts at once on a copy stream while the host plans the chunks in parallel,
+    /// and each group decodes as soon as its bytes have arrived. With `blobs` in pinned host
+    /// memory the copies are true DMA transfers.
     pub fn decode_pipelined(
         &self,
         blobs: &[&[u8]],
@@ -210,7 +215,12 @@ impl GpuDecoder {
         // 1. Every group's bytes start copying at once (copy stream, one event per group)...
         let total: usize = blobs.iter().map(|b| b.len()).sum();
         self.grow_input(&mut scratch, total)?;
-        let groups = batches.clamp(1, blobs.len());
+        // Groups pay off only when copies are long enough to hide a decode behind: each
+        // group's kernels take as long per lane as one big launch (the decoder is
+        // latency-bound), so small batches go in one group.
+        let groups = batches
+            .clamp(1, blobs.len())
+            .min(total.div_ceil(MIN_GROUP_BYTES).max(1));
         let per = blobs.len().div_ceil(groups);
         let mut copied = Vec::with_capacity(groups);
         {
