@@ -4,9 +4,16 @@
 //! Per layer:
 //! - **Keys per channel, values per token** (KIVI, KVQuant): each key channel (over the
 //!   chunk's tokens) and each value token (over its channels) is a *group* with its own
-//!   step `Δ = f · σ` (σ = the group's RMS deviation from its mean) and zero point (the
-//!   group mean, rounded to a multiple of Δ). Per-channel key steps isolate the outlier
-//!   channels keys are known for; per-token value steps follow token magnitudes.
+//!   zero point (the group mean, rounded to a multiple of its step Δ). Value tokens get
+//!   their own step `Δ = f · σ` (σ = the token's RMS deviation from its mean), following
+//!   token magnitudes. Key channels share one step per (layer, K): `Δ = f · σ_pool`, σ_pool
+//!   the RMS over channels of their deviations. What attention feels of a key error is
+//!   `q · δk`, and queries are large in the same channels as keys (the low-frequency RoPE
+//!   pairs), so per-channel steps proportional to each channel's σ put the largest errors
+//!   exactly where they cost most; one shared step measured better on SmolLM2 (kv-mid at
+//!   2.28 bits per element: +1.9% perplexity with the shared step against +5% with
+//!   per-channel steps at about the same size, `kvault codec-eval` on the bundled texts
+//!   with 768 scored tokens). Per-channel zero points still remove the channels' offsets.
 //! - **Bit widths by layer group**: the step factor `f` is halved (about one bit more)
 //!   for the first ⌈L/6⌉ key layers and the first ⌈L/15⌉ value layers, where CacheGen and
 //!   KVQuant found loss hurts most. The steps chosen are written into each layer's payload,
@@ -30,8 +37,8 @@
 //! **Error bound** (all three profiles): `|x - x̂| ≤ Δ/2 + 2^-22 · |x|` for every
 //! element, with Δ the step of the element's group, plus the rounding of the output dtype
 //! when it is narrower than f32. With Gaussian-like groups that is an RMS error of about
-//! `0.29 · f · σ`, with `f` for (keys, values): (0.15, 0.6) in `kv-hi`, (0.4, 1.5) in
-//! `kv-mid`, (0.6, 2.0) in `kv-lo` (halved in the early layer group).
+//! `0.29 · f · σ`, with `f` for (keys, values): (0.35, 0.8) in `kv-hi`, (0.6, 1.8) in
+//! `kv-mid`, (0.8, 2.4) in `kv-lo` (halved in the early layer group).
 //!
 //! Header parameters (5 bytes): format 1, probability bits 12, lanes 8, `block_tokens`
 //! (u16). Layer payload, for K then V:
@@ -79,17 +86,20 @@ pub(crate) fn step(e: u8) -> f32 {
     MANT[usize::from(e & 3)] * f32::from_bits(((exp + 127) as u32) << 23)
 }
 
-/// Step factors (in units of the group's σ) for (keys, values) of a profile.
+/// Step factors (in units of σ: pooled over channels for keys, per token for values) for
+/// (keys, values) of a profile.
 ///
-/// Measured on real SmolLM2-135M caches (`kvault codec-eval`): perplexity is far more
-/// sensitive to key error than to value error (keys pass through the softmax; value
-/// errors average out over the attended tokens), so keys get fine steps and values
-/// coarse ones.
+/// Chosen on real SmolLM2-135M caches (`kvault codec-eval`, docs/figures.md): perplexity
+/// is far more sensitive to key error than to value error (keys pass through the softmax;
+/// value errors average out over the attended tokens), so keys get fine steps and values
+/// coarse ones. `kv-hi` is the near-lossless level (about 5x, under 0.5% perplexity
+/// change), `kv-mid` the default (about 2x smaller than `cachegen-baseline` at lower
+/// perplexity change), `kv-lo` the aggressive one.
 fn step_factors(profile: Profile) -> (f64, f64) {
     match profile {
-        Profile::KvHi => (0.15, 0.6),
-        Profile::KvMid => (0.4, 1.5),
-        _ => (0.6, 2.0),
+        Profile::KvHi => (0.35, 0.8),
+        Profile::KvMid => (0.6, 1.8),
+        _ => (0.8, 2.4),
     }
 }
 
@@ -152,11 +162,19 @@ fn round_i32(v: f64) -> i32 {
 }
 
 /// Picks a group's step index and zero point (in steps) for step factor `f`, from the
-/// group's sum, sum of squares, max |x| and element count.
-fn choose(sum: f64, sum_sq: f64, max_abs: f64, n: usize, f: f64) -> Result<(u8, i32), CodecError> {
+/// group's sum, sum of squares, max |x| and element count; the step follows `pooled_sigma`
+/// when given, else the group's own σ.
+fn choose(
+    sum: f64,
+    sum_sq: f64,
+    max_abs: f64,
+    n: usize,
+    f: f64,
+    pooled_sigma: Option<f64>,
+) -> Result<(u8, i32), CodecError> {
     let n = n.max(1) as f64;
     let mean = sum / n;
-    let sigma = (sum_sq / n - mean * mean).max(0.0).sqrt();
+    let sigma = pooled_sigma.unwrap_or_else(|| (sum_sq / n - mean * mean).max(0.0).sqrt());
     let target = f * sigma;
     let mut e = if target > 0.0 {
         (4.0 * target.log2() + f64::from(4 * EXP_BIAS))
@@ -260,8 +278,17 @@ fn encode_part(
         }
     }
     let n_group = if per_token { c } else { t };
+    // Keys: one step for every channel, from the RMS of the channels' deviations.
+    let pooled_sigma = (!per_token).then(|| {
+        let n = n_group.max(1) as f64;
+        let var: f64 = (0..groups)
+            .map(|g| (sum_sq[g] / n - (sum[g] / n).powi(2)).max(0.0))
+            .sum::<f64>()
+            / groups.max(1) as f64;
+        var.sqrt()
+    });
     let chosen: Vec<(u8, i32)> = (0..groups)
-        .map(|g| choose(sum[g], sum_sq[g], max_abs[g], n_group, factor))
+        .map(|g| choose(sum[g], sum_sq[g], max_abs[g], n_group, factor, pooled_sigma))
         .collect::<Result<_, _>>()?;
     out.push(u8::from(per_token));
     out.extend(chosen.iter().map(|&(e, _)| e));
@@ -588,7 +615,8 @@ mod tests {
     }
 
     /// The bound of the module docs, computed independently of the encoder: the group's
-    /// step is at most `f σ` rounded up a quarter-octave-half (2^(1/8)), or the smallest
+    /// step is at most `f σ` (σ pooled over channels for keys) rounded up a
+    /// quarter-octave-half (2^(1/8)), or the smallest
     /// step that keeps `max |x| / Δ <= 2^29`, or the grid's minimum.
     fn check_bound(profile: Profile, shape: KvShape, x: &[f32], y: &[f32]) -> Result<(), TestCaseError> {
         let (t, c) = (shape.tokens as usize, (shape.kv_heads * shape.head_dim) as usize);
@@ -597,17 +625,25 @@ mod tests {
             let per_token = p % 2 == 1;
             let f = if per_token { fv } else { fk };
             let groups = if per_token { t } else { c };
-            for g in 0..groups {
-                let idx: Vec<usize> = if per_token {
+            let members = |g: usize| -> Vec<usize> {
+                if per_token {
                     (g * c..(g + 1) * c).collect()
                 } else {
                     (0..t).map(|ti| ti * c + g).collect()
-                };
+                }
+            };
+            let variance = |idx: &[usize]| {
                 let n = idx.len() as f64;
                 let mean = idx.iter().map(|&i| f64::from(xp[i])).sum::<f64>() / n;
-                let var = idx.iter().map(|&i| f64::from(xp[i]).powi(2)).sum::<f64>() / n - mean * mean;
+                (idx.iter().map(|&i| f64::from(xp[i]).powi(2)).sum::<f64>() / n - mean * mean).max(0.0)
+            };
+            // Keys share the RMS of their channels' deviations; values use their own.
+            let pooled = (0..groups).map(|g| variance(&members(g))).sum::<f64>() / groups as f64;
+            for g in 0..groups {
+                let idx = members(g);
+                let var = if per_token { variance(&idx) } else { pooled };
                 let max_abs = idx.iter().map(|&i| f64::from(xp[i]).abs()).fold(0.0, f64::max);
-                let step = (f * var.max(0.0).sqrt() * 2f64.powf(0.125))
+                let step = (f * var.sqrt() * 2f64.powf(0.125))
                     .max(max_abs * 2f64.powi(-28))
                     .max(2f64.powi(-40))
                     * (1.0 + 1e-6);
