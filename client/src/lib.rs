@@ -34,6 +34,7 @@ pub mod client;
 pub mod error;
 pub mod kv_file;
 pub mod local_server;
+pub mod placement;
 #[cfg(feature = "model")]
 pub mod model;
 pub mod prefix;
@@ -41,5 +42,6 @@ pub mod retry;
 
 pub use client::{Client, ClientConfig, Fetched, Lookup, Tier};
 pub use error::{ClientError, Result};
+pub use placement::{Node, Placement, PlacementError};
 pub use kvault_proto::{ChunkKey, Layout, NamespaceId, Rope, chain_keys};
 pub use retry::RetryPolicy;
