@@ -36,6 +36,10 @@ pub struct ClientConfig {
     pub token: Option<String>,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
+    /// Connect on first use instead of at once (and reconnect after the
+    /// server restarts): for long-lived processes such as the sidecar, which
+    /// must start, and keep serving, while a server is down.
+    pub lazy: bool,
 }
 
 impl ClientConfig {
@@ -48,6 +52,7 @@ impl ClientConfig {
             tenant: None,
             token: None,
             retry: RetryPolicy::default(),
+            lazy: false,
         }
     }
 }
@@ -141,8 +146,19 @@ impl Client {
         };
         let endpoint = cfg.endpoint.as_str();
         let socket = unix_socket_path(endpoint);
-        let channel = cfg
-            .retry
+        let channel = if cfg.lazy {
+            match socket.clone() {
+                Some(path) => ep.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let path = path.clone();
+                    async move {
+                        let s = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                    }
+                })),
+                None => ep.connect_lazy(),
+            }
+        } else {
+            cfg.retry
             .run(|| {
                 let ep = ep.clone();
                 let socket = socket.clone();
@@ -165,7 +181,8 @@ impl Client {
                     r.map_err(|e| ClientError::Unavailable(format!("{endpoint}: {}", source_chain(&e))))
                 }
             })
-            .await?;
+            .await?
+        };
         let rpc = KvVaultClient::with_interceptor(channel.clone(), creds.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

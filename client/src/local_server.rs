@@ -59,13 +59,19 @@ impl LocalServer {
     /// Starts a server on a free loopback port with `data_dir` and extra flags
     /// (e.g. `--ram-bytes 64MiB`), and waits until it listens.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Result<LocalServer, LocalServerError> {
+        Self::start_at(data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// Starts a server listening on `listen` (e.g. the address of a server
+    /// that was stopped, so its clients find it again), and waits until it listens.
+    pub fn start_at(data_dir: &Path, listen: &str, extra: &[&str]) -> Result<LocalServer, LocalServerError> {
         let bin = Self::binary()?;
         if !bin.is_file() {
             return Err(LocalServerError::NoBinary(bin));
         }
         let mut child = Command::new(&bin)
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
