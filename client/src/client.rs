@@ -148,40 +148,44 @@ impl Client {
         let socket = unix_socket_path(endpoint);
         let channel = if cfg.lazy {
             match socket.clone() {
-                Some(path) => ep.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let path = path.clone();
-                    async move {
-                        let s = tokio::net::UnixStream::connect(path).await?;
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                    }
-                })),
+                Some(path) => {
+                    ep.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+                        let path = path.clone();
+                        async move {
+                            let s = tokio::net::UnixStream::connect(path).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                        }
+                    }))
+                }
                 None => ep.connect_lazy(),
             }
         } else {
             cfg.retry
-            .run(|| {
-                let ep = ep.clone();
-                let socket = socket.clone();
-                async move {
-                    let r = match socket {
-                        // A local sidecar: HTTP/2 over a Unix domain socket; the
-                        // endpoint's authority is a placeholder the connector ignores.
-                        Some(path) => {
-                            ep.connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                                let path = path.clone();
-                                async move {
-                                    let s = tokio::net::UnixStream::connect(path).await?;
-                                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                                }
-                            }))
-                            .await
-                        }
-                        None => ep.connect().await,
-                    };
-                    r.map_err(|e| ClientError::Unavailable(format!("{endpoint}: {}", source_chain(&e))))
-                }
-            })
-            .await?
+                .run(|| {
+                    let ep = ep.clone();
+                    let socket = socket.clone();
+                    async move {
+                        let r = match socket {
+                            // A local sidecar: HTTP/2 over a Unix domain socket; the
+                            // endpoint's authority is a placeholder the connector ignores.
+                            Some(path) => {
+                                ep.connect_with_connector(tower::service_fn(
+                                    move |_: tonic::transport::Uri| {
+                                        let path = path.clone();
+                                        async move {
+                                            let s = tokio::net::UnixStream::connect(path).await?;
+                                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                                        }
+                                    },
+                                ))
+                                .await
+                            }
+                            None => ep.connect().await,
+                        };
+                        r.map_err(|e| ClientError::Unavailable(format!("{endpoint}: {}", source_chain(&e))))
+                    }
+                })
+                .await?
         };
         let rpc = KvVaultClient::with_interceptor(channel.clone(), creds.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -199,7 +203,9 @@ impl Client {
     pub fn for_tenant(&self, tenant: &str) -> Result<Client> {
         let v = tenant
             .parse::<MetadataValue<tonic::metadata::Ascii>>()
-            .map_err(|_| ClientError::InvalidArgument(format!("tenant {tenant:?} is not valid ASCII metadata")))?;
+            .map_err(|_| {
+                ClientError::InvalidArgument(format!("tenant {tenant:?} is not valid ASCII metadata"))
+            })?;
         let creds = Credentials {
             tenant: Some(v),
             token: self.creds.token.clone(),
@@ -508,8 +514,14 @@ mod tests {
 
     #[test]
     fn unix_endpoints_are_recognised() {
-        assert_eq!(unix_socket_path("unix:/run/kv.sock"), Some(PathBuf::from("/run/kv.sock")));
-        assert_eq!(unix_socket_path("unix:///run/kv.sock"), Some(PathBuf::from("/run/kv.sock")));
+        assert_eq!(
+            unix_socket_path("unix:/run/kv.sock"),
+            Some(PathBuf::from("/run/kv.sock"))
+        );
+        assert_eq!(
+            unix_socket_path("unix:///run/kv.sock"),
+            Some(PathBuf::from("/run/kv.sock"))
+        );
         assert_eq!(unix_socket_path("/tmp/s"), Some(PathBuf::from("/tmp/s")));
         assert_eq!(unix_socket_path("./s"), Some(PathBuf::from("./s")));
         assert_eq!(unix_socket_path("http://127.0.0.1:7070"), None);

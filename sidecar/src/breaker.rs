@@ -89,7 +89,9 @@ impl Breaker {
             BreakerState::Closed => Admit::Yes,
             BreakerState::HalfOpen => Admit::No,
             BreakerState::Open => {
-                if g.opened_at.is_some_and(|t| now.duration_since(t) >= self.cool_down) {
+                if g.opened_at
+                    .is_some_and(|t| now.duration_since(t) >= self.cool_down)
+                {
                     g.state = BreakerState::HalfOpen;
                     Admit::Probe
                 } else {

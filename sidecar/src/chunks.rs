@@ -87,7 +87,12 @@ impl Chunks {
     /// locally afterwards). `None` for chunks nobody holds and for chunks
     /// whose upstream is down or slow. Refusals by an upstream (its layout
     /// for the model differs, say) are errors.
-    pub async fn get(&self, tenant: &Tenant, layout: &Layout, keys: &[ChunkKey]) -> Result<Vec<Option<Got>>, Status> {
+    pub async fn get(
+        &self,
+        tenant: &Tenant,
+        layout: &Layout,
+        keys: &[ChunkKey],
+    ) -> Result<Vec<Option<Got>>, Status> {
         let ns = layout.namespace_id();
         let mut out: Vec<Option<Got>> = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
@@ -125,7 +130,13 @@ impl Chunks {
     }
 
     /// Stores a verified chunk upstream (write-through), then locally.
-    pub async fn put(&self, tenant: &Tenant, layout: &Layout, key: ChunkKey, blob: Bytes) -> Result<bool, UpstreamError> {
+    pub async fn put(
+        &self,
+        tenant: &Tenant,
+        layout: &Layout,
+        key: ChunkKey,
+        blob: Bytes,
+    ) -> Result<bool, UpstreamError> {
         let stored = self
             .upstreams
             .put(tenant.as_str(), layout, &key, blob.clone())

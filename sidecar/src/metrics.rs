@@ -88,7 +88,10 @@ impl Metrics {
         Metrics {
             local: TierCounters {
                 hits: counter("local_hits_total", "Chunk reads answered by the local RAM cache"),
-                misses: counter("local_misses_total", "Chunk reads the local RAM cache could not answer"),
+                misses: counter(
+                    "local_misses_total",
+                    "Chunk reads the local RAM cache could not answer",
+                ),
                 evictions: counter("local_evictions_total", "Chunks evicted from the local RAM cache"),
             },
             upstream_calls: counter_vec(

@@ -57,7 +57,9 @@ pub enum RegionError {
         region: u64,
     },
     /// The region could hold it, but not now (leased slots are in the way).
-    #[error("no {slots} contiguous free slots for {bytes} bytes ({free} slots free); release leases or retry")]
+    #[error(
+        "no {slots} contiguous free slots for {bytes} bytes ({free} slots free); release leases or retry"
+    )]
     NoSpace {
         /// Bytes asked for.
         bytes: u64,
@@ -318,7 +320,7 @@ impl Region {
     }
 
     /// Finds a live lease, turning expiry into its error.
-    fn live<'s>(st: &'s mut State, id: u64, now: Instant) -> Result<&'s mut Lease, RegionError> {
+    fn live(st: &mut State, id: u64, now: Instant) -> Result<&mut Lease, RegionError> {
         if !st.leases.contains_key(&id) {
             return Err(if st.expired.contains(&id) {
                 RegionError::Expired(id)
@@ -333,7 +335,13 @@ impl Region {
         }
     }
 
-    fn allocate_locked(&self, st: &mut State, bytes: u64, ttl: Duration, writing: bool) -> Result<u64, RegionError> {
+    fn allocate_locked(
+        &self,
+        st: &mut State,
+        bytes: u64,
+        ttl: Duration,
+        writing: bool,
+    ) -> Result<u64, RegionError> {
         if bytes == 0 {
             return Err(RegionError::Empty);
         }
@@ -597,7 +605,10 @@ mod tests {
         assert_eq!((a.first_slot, a.slot_count), (0, 3));
         assert_eq!((b.first_slot, b.slot_count), (3, 2));
         assert_eq!(r.stats().free_slots, 3);
-        assert!(matches!(r.lease(4 * SLOT, 1000), Err(RegionError::NoSpace { .. })));
+        assert!(matches!(
+            r.lease(4 * SLOT, 1000),
+            Err(RegionError::NoSpace { .. })
+        ));
         r.release(a.id).unwrap();
         assert_eq!(r.stats().free_slots, 6);
         assert_eq!(r.release(a.id), Err(RegionError::UnknownLease(a.id)));
@@ -619,12 +630,18 @@ mod tests {
             r.write_into(a.id, u32::MAX, 1),
             Err(RegionError::SlotOutOfRange { .. })
         ));
-        assert!(matches!(r.write_into(a.id, 5, 1), Err(RegionError::NotInLease { .. })));
+        assert!(matches!(
+            r.write_into(a.id, 5, 1),
+            Err(RegionError::NotInLease { .. })
+        ));
         assert!(matches!(
             r.write_into(a.id, 1, SLOT + 1),
             Err(RegionError::DoesNotFit { .. })
         ));
-        assert!(matches!(r.write_into(12345, 0, 1), Err(RegionError::UnknownLease(12345))));
+        assert!(matches!(
+            r.write_into(12345, 0, 1),
+            Err(RegionError::UnknownLease(12345))
+        ));
         let g = r.write_into(a.id, 0, 10).unwrap();
         assert_eq!(r.write_into(a.id, 0, 10).err(), Some(RegionError::Busy(a.id)));
         drop(g);
@@ -660,7 +677,14 @@ mod tests {
         let (_d, r) = region(4);
         let g = r.lease_for_write(SLOT, 1000).unwrap();
         drop(g);
-        assert_eq!(r.stats(), RegionStats { slots: 4, free_slots: 4, leases: 0 });
+        assert_eq!(
+            r.stats(),
+            RegionStats {
+                slots: 4,
+                free_slots: 4,
+                leases: 0
+            }
+        );
     }
 
     #[test]
@@ -692,7 +716,7 @@ mod tests {
                     _ if !live.is_empty() => { let id = live[pick as usize % live.len()]; r.renew(id, 5000).unwrap(); }
                     _ => {}
                 }
-                let mut owned = vec![0u32; 16];
+                let mut owned = [0u32; 16];
                 let mut held = 0;
                 for id in &live {
                     let i = r.lease_info(*id).unwrap();

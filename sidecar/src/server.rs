@@ -100,9 +100,14 @@ impl Sidecar {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(startup(format!("socket {}", config.socket.display()), e)),
         }
-        let uds = UnixListener::bind(&config.socket).map_err(|e| startup(format!("bind {}", config.socket.display()), e))?;
+        let uds = UnixListener::bind(&config.socket)
+            .map_err(|e| startup(format!("bind {}", config.socket.display()), e))?;
         let tcp = match config.listen {
-            Some(a) => Some(TcpListener::bind(a).await.map_err(|e| startup(format!("bind {a}"), e))?),
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| startup(format!("bind {a}"), e))?,
+            ),
             None => None,
         };
         let metrics_listener = match config.metrics {
@@ -162,7 +167,10 @@ impl Sidecar {
 
     /// Serves until `shutdown` resolves, then drains in-flight requests and
     /// removes the socket and the region file.
-    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), SidecarError> {
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), SidecarError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_serving::<KvVaultServer<SidecarKv>>().await;

@@ -55,7 +55,13 @@ impl Shared {
 
     /// Tiers of `keys`: local ones answer at once; the rest are asked of
     /// the owners under the lookup deadline, and unknown when it passes.
-    pub async fn tiers(&self, tenant: &Tenant, layout: &Layout, keys: &[ChunkKey], prefix: bool) -> Vec<pb::Tier> {
+    pub async fn tiers(
+        &self,
+        tenant: &Tenant,
+        layout: &Layout,
+        keys: &[ChunkKey],
+        prefix: bool,
+    ) -> Vec<pb::Tier> {
         let ns = layout.namespace_id();
         let mut tiers: Vec<pb::Tier> = keys
             .iter()
@@ -73,7 +79,9 @@ impl Shared {
         } else {
             0
         };
-        let ask: Vec<usize> = (from..keys.len()).filter(|&i| tiers[i] == pb::Tier::None).collect();
+        let ask: Vec<usize> = (from..keys.len())
+            .filter(|&i| tiers[i] == pb::Tier::None)
+            .collect();
         if ask.is_empty() {
             return tiers;
         }
@@ -218,14 +226,22 @@ impl SidecarKv {
                 let body = match span {
                     Some(sp) if !whole => {
                         let blob = g.blob.clone();
-                        match tokio::task::spawn_blocking(move || kvault_codec::slice_layers(&blob, sp.range())).await {
+                        match tokio::task::spawn_blocking(move || {
+                            kvault_codec::slice_layers(&blob, sp.range())
+                        })
+                        .await
+                        {
                             Ok(Ok(v)) => Bytes::from(v),
                             Ok(Err(e)) => {
-                                let _ = tx.send(Err(Status::data_loss(format!("chunk {index}: {e}")))).await;
+                                let _ = tx
+                                    .send(Err(Status::data_loss(format!("chunk {index}: {e}"))))
+                                    .await;
                                 return;
                             }
                             Err(e) => {
-                                let _ = tx.send(Err(Status::internal(format!("slice task failed: {e}")))).await;
+                                let _ = tx
+                                    .send(Err(Status::internal(format!("slice task failed: {e}"))))
+                                    .await;
                                 return;
                             }
                         }
@@ -291,14 +307,21 @@ impl SidecarKv {
         }
     }
 
-    async fn do_describe(&self, req: Request<pb::DescribeModelRequest>) -> Result<pb::DescribeModelResponse, Status> {
+    async fn do_describe(
+        &self,
+        req: Request<pb::DescribeModelRequest>,
+    ) -> Result<pb::DescribeModelResponse, Status> {
         let s = &self.shared;
         let tenant = s.tenant(&req)?;
         let model_id = req.into_inner().model_id;
         let l = s
             .chunks
             .upstreams
-            .describe_model(tenant.as_str(), &model_id, s.lookup_deadline.max(Duration::from_secs(1)))
+            .describe_model(
+                tenant.as_str(),
+                &model_id,
+                s.lookup_deadline.max(Duration::from_secs(1)),
+            )
             .await?;
         Ok(pb::DescribeModelResponse {
             namespace: Some(l.to_proto()),
@@ -335,7 +358,10 @@ impl KvVault for SidecarKv {
         timed!(self.shared.metrics, "lookup", self.do_lookup(req))
     }
 
-    async fn put(&self, req: Request<Streaming<pb::PutRequest>>) -> Result<Response<pb::PutResponse>, Status> {
+    async fn put(
+        &self,
+        req: Request<Streaming<pb::PutRequest>>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
         timed!(self.shared.metrics, "put", self.do_put(req))
     }
 

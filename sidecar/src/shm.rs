@@ -76,9 +76,11 @@ impl SidecarShm {
     }
 
     fn region(&self) -> Result<&Arc<Region>, Status> {
-        self.region
-            .as_ref()
-            .ok_or_else(|| Status::failed_precondition("this sidecar runs without a shared region (start it with --shm-bytes)"))
+        self.region.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this sidecar runs without a shared region (start it with --shm-bytes)",
+            )
+        })
     }
 
     async fn do_get_into(&self, req: Request<pb::GetIntoRequest>) -> Result<pb::GetIntoResponse, Status> {
@@ -124,7 +126,8 @@ impl SidecarShm {
         let mut total = 0u64;
         for (index, g) in got.into_iter().enumerate() {
             let Some(g) = g else { continue };
-            let c = Container::parse(&g.blob).map_err(|e| Status::data_loss(format!("chunk {index}: {e}")))?;
+            let c =
+                Container::parse(&g.blob).map_err(|e| Status::data_loss(format!("chunk {index}: {e}")))?;
             let h = c.header();
             if h.total_layers != layout.layers
                 || h.layer_start > span.start
@@ -148,7 +151,9 @@ impl SidecarShm {
                 kv_heads: h.kv_heads,
                 head_dim: h.head_dim,
             };
-            let len = shape.byte_len(out_dtype).map_err(|e| Status::invalid_argument(e.to_string()))? as u64;
+            let len = shape
+                .byte_len(out_dtype)
+                .map_err(|e| Status::invalid_argument(e.to_string()))? as u64;
             let rel = total.next_multiple_of(ALIGN);
             total = rel + len;
             jobs.push(Job {
@@ -215,7 +220,9 @@ impl SidecarShm {
         let layout = Layout::from_wire(req.namespace).map_err(ServerError::from)?;
         let keys = keys_from_wire(&req.keys).map_err(ServerError::from)?;
         let ns = layout.namespace_id();
-        let (local, todo): (Vec<_>, Vec<_>) = keys.into_iter().partition(|k| s.chunks.is_local(&tenant, &ns, *k));
+        let (local, todo): (Vec<_>, Vec<_>) = keys
+            .into_iter()
+            .partition(|k| s.chunks.is_local(&tenant, &ns, *k));
         s.metrics
             .prefetch
             .with_label_values(&["local"])
@@ -315,7 +322,10 @@ impl Sidecar for SidecarShm {
         })
     }
 
-    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
         timed!(self.shared.metrics, "release", async {
             let r = self.region()?;
             r.release(req.into_inner().lease_id)?;
@@ -323,15 +333,23 @@ impl Sidecar for SidecarShm {
         })
     }
 
-    async fn get_into(&self, req: Request<pb::GetIntoRequest>) -> Result<Response<pb::GetIntoResponse>, Status> {
+    async fn get_into(
+        &self,
+        req: Request<pb::GetIntoRequest>,
+    ) -> Result<Response<pb::GetIntoResponse>, Status> {
         let t = Instant::now();
         let r = self.do_get_into(req).await;
         let code = r.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
-        self.shared.metrics.request("get_into", code, t.elapsed().as_secs_f64());
+        self.shared
+            .metrics
+            .request("get_into", code, t.elapsed().as_secs_f64());
         r.map(Response::new)
     }
 
-    async fn prefetch(&self, req: Request<pb::PrefetchRequest>) -> Result<Response<pb::PrefetchResponse>, Status> {
+    async fn prefetch(
+        &self,
+        req: Request<pb::PrefetchRequest>,
+    ) -> Result<Response<pb::PrefetchResponse>, Status> {
         timed!(self.shared.metrics, "prefetch", self.do_prefetch(req))
     }
 }

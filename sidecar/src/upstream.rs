@@ -104,11 +104,15 @@ pub struct UpstreamConfig {
 impl Upstreams {
     /// Lazy connections to every upstream: the sidecar starts (and serves
     /// local hits) while upstreams are down.
-    pub async fn new(cfg: UpstreamConfig, metrics: std::sync::Arc<Metrics>) -> Result<Upstreams, ClientError> {
-        let placement = Placement::uniform(cfg.urls.iter().cloned()).map_err(|e| ClientError::InvalidEndpoint {
-            endpoint: cfg.urls.join(","),
-            reason: e.to_string(),
-        })?;
+    pub async fn new(
+        cfg: UpstreamConfig,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> Result<Upstreams, ClientError> {
+        let placement =
+            Placement::uniform(cfg.urls.iter().cloned()).map_err(|e| ClientError::InvalidEndpoint {
+                endpoint: cfg.urls.join(","),
+                reason: e.to_string(),
+            })?;
         let mut nodes = Vec::with_capacity(cfg.urls.len());
         for url in &cfg.urls {
             let mut c = ClientConfig::new(url.clone());
@@ -155,7 +159,14 @@ impl Upstreams {
     }
 
     /// Runs one call on upstream `i` for `tenant` through its breaker, under `deadline`.
-    async fn call<T, F, Fut>(&self, i: usize, op: &str, tenant: &str, deadline: Duration, f: F) -> Result<T, UpstreamError>
+    async fn call<T, F, Fut>(
+        &self,
+        i: usize,
+        op: &str,
+        tenant: &str,
+        deadline: Duration,
+        f: F,
+    ) -> Result<T, UpstreamError>
     where
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
@@ -178,7 +189,18 @@ impl Upstreams {
                 count("ok");
                 Ok(v)
             }
-            Ok(Err(e)) if e.is_transient() => {
+            // A connection torn down mid-call surfaces as these codes, not
+            // as Unavailable: the upstream is gone all the same.
+            Ok(Err(e))
+                if e.is_transient()
+                    || matches!(
+                        &e,
+                        ClientError::Server {
+                            code: tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Aborted,
+                            ..
+                        }
+                    ) =>
+            {
                 count("unavailable");
                 Err(UpstreamError::Unreachable {
                     url: node.url.clone(),
@@ -216,17 +238,29 @@ impl Upstreams {
 
     /// Tier of each key at its owner; `None` where the owner did not answer
     /// in time (or is down).
-    pub async fn exists(&self, tenant: &str, layout: &Layout, keys: &[ChunkKey], deadline: Duration) -> Vec<Option<Tier>> {
+    pub async fn exists(
+        &self,
+        tenant: &str,
+        layout: &Layout,
+        keys: &[ChunkKey],
+        deadline: Duration,
+    ) -> Vec<Option<Tier>> {
         let groups = self.placement.group(keys);
-        let calls = groups.iter().enumerate().filter(|(_, g)| !g.is_empty()).map(|(i, g)| {
-            let ks: Vec<ChunkKey> = g.iter().map(|&p| keys[p]).collect();
-            async move {
-                let r = self
-                    .call(i, "exists", tenant, deadline, |c| async move { c.exists(layout, &ks).await })
-                    .await;
-                (g, r)
-            }
-        });
+        let calls = groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| !g.is_empty())
+            .map(|(i, g)| {
+                let ks: Vec<ChunkKey> = g.iter().map(|&p| keys[p]).collect();
+                async move {
+                    let r = self
+                        .call(i, "exists", tenant, deadline, |c| async move {
+                            c.exists(layout, &ks).await
+                        })
+                        .await;
+                    (g, r)
+                }
+            });
         let mut out = vec![None; keys.len()];
         for (g, r) in join_all(calls).await {
             if let Ok(tiers) = r {
@@ -249,18 +283,23 @@ impl Upstreams {
     ) -> Vec<Result<Option<Bytes>, UpstreamError>> {
         let groups = self.placement.group(keys);
         let deadline = self.transfer_timeout;
-        let calls = groups.iter().enumerate().filter(|(_, g)| !g.is_empty()).map(|(i, g)| {
-            let ks: Vec<ChunkKey> = g.iter().map(|&p| keys[p]).collect();
-            async move {
-                let r = self
-                    .call(i, "get", tenant, deadline, |c| async move {
-                        c.get_many(layout, &ks, None).await
-                    })
-                    .await;
-                (g, r)
-            }
-        });
-        let mut out: Vec<Option<Result<Option<Bytes>, UpstreamError>>> = (0..keys.len()).map(|_| None).collect();
+        let calls = groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| !g.is_empty())
+            .map(|(i, g)| {
+                let ks: Vec<ChunkKey> = g.iter().map(|&p| keys[p]).collect();
+                async move {
+                    let r = self
+                        .call(i, "get", tenant, deadline, |c| async move {
+                            c.get_many(layout, &ks, None).await
+                        })
+                        .await;
+                    (g, r)
+                }
+            });
+        let mut out: Vec<Option<Result<Option<Bytes>, UpstreamError>>> =
+            (0..keys.len()).map(|_| None).collect();
         for (g, r) in join_all(calls).await {
             match r {
                 Ok(v) => {
@@ -275,13 +314,17 @@ impl Upstreams {
                 }
             }
         }
-        out.into_iter()
-            .map(|o| o.unwrap_or(Ok(None)))
-            .collect()
+        out.into_iter().map(|o| o.unwrap_or(Ok(None))).collect()
     }
 
     /// Stores a chunk at its owner (write-through).
-    pub async fn put(&self, tenant: &str, layout: &Layout, key: &ChunkKey, blob: Bytes) -> Result<bool, UpstreamError> {
+    pub async fn put(
+        &self,
+        tenant: &str,
+        layout: &Layout,
+        key: &ChunkKey,
+        blob: Bytes,
+    ) -> Result<bool, UpstreamError> {
         let i = self.owner(key);
         self.call(i, "put", tenant, self.transfer_timeout, |c| async move {
             c.put(layout, key, blob).await
@@ -290,7 +333,12 @@ impl Upstreams {
     }
 
     /// Deletes keys at their owners; the count of keys that were stored.
-    pub async fn delete(&self, tenant: &str, layout: &Layout, keys: &[ChunkKey]) -> Result<u32, UpstreamError> {
+    pub async fn delete(
+        &self,
+        tenant: &str,
+        layout: &Layout,
+        keys: &[ChunkKey],
+    ) -> Result<u32, UpstreamError> {
         let groups = self.placement.group(keys);
         let mut deleted = 0;
         for (i, g) in groups.iter().enumerate().filter(|(_, g)| !g.is_empty()) {
@@ -305,7 +353,12 @@ impl Upstreams {
     }
 
     /// The layout a model id is bound to, from the first upstream that knows it.
-    pub async fn describe_model(&self, tenant: &str, model_id: &str, deadline: Duration) -> Result<Layout, UpstreamError> {
+    pub async fn describe_model(
+        &self,
+        tenant: &str,
+        model_id: &str,
+        deadline: Duration,
+    ) -> Result<Layout, UpstreamError> {
         let mut last = None;
         for i in 0..self.nodes.len() {
             match self
@@ -330,7 +383,10 @@ fn dup(e: &UpstreamError) -> UpstreamError {
             url: url.clone(),
             message: message.clone(),
         },
-        UpstreamError::Timeout { url, ms } => UpstreamError::Timeout { url: url.clone(), ms: *ms },
+        UpstreamError::Timeout { url, ms } => UpstreamError::Timeout {
+            url: url.clone(),
+            ms: *ms,
+        },
         UpstreamError::Refused(c) => UpstreamError::Refused(ClientError::Server {
             code: client_status_code(c),
             message: c.to_string(),

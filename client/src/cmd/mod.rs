@@ -11,6 +11,7 @@ mod bench_ttft;
 mod codec_eval;
 #[cfg(feature = "model")]
 mod demo;
+mod sidecar;
 mod stat;
 mod transfer;
 #[cfg(feature = "model")]
@@ -42,6 +43,8 @@ enum Command {
     Profiles,
     /// Show per-tier bytes, chunk counts and hit rates of a server.
     Stat(stat::StatArgs),
+    /// Run a sidecar beside a serving engine: local cache, Unix socket, shared-memory hand-off.
+    Sidecar(sidecar::SidecarArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -77,6 +80,9 @@ pub struct ServerArgs {
     /// Server URL.
     #[arg(long, env = "KVAULT_SERVER", default_value = "http://127.0.0.1:7070")]
     pub server: String,
+    /// Use a local sidecar's Unix socket instead of a direct server connection (wins over --server).
+    #[arg(long, env = "KVAULT_SIDECAR")]
+    pub sidecar: Option<std::path::PathBuf>,
     /// Tenant to act for (servers without tokens).
     #[arg(long, env = "KVAULT_TENANT")]
     pub tenant: Option<String>,
@@ -91,13 +97,17 @@ pub struct ServerArgs {
 impl ServerArgs {
     /// Connects to the server.
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        let mut cfg = ClientConfig::new(self.server.clone());
+        let endpoint = match &self.sidecar {
+            Some(p) => format!("unix:{}", p.display()),
+            None => self.server.clone(),
+        };
+        let mut cfg = ClientConfig::new(endpoint.clone());
         cfg.tenant = self.tenant.clone();
         cfg.token = self.token.clone();
         cfg.request_timeout = Duration::from_secs(self.timeout);
         Client::connect_with(cfg)
             .await
-            .with_context(|| format!("connecting to {}", self.server))
+            .with_context(|| format!("connecting to {endpoint}"))
     }
 }
 
@@ -114,6 +124,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stat(a) => stat::stat(a).await,
+        Command::Sidecar(a) => sidecar::run(a),
         Command::Bench(BenchCommand::Get(a)) => bench_get::run(a).await,
         // CPU-bound for minutes: off the async runtime.
         #[cfg(feature = "model")]
