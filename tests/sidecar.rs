@@ -493,3 +493,91 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Whether python3 can import what the example needs, installing it with
+/// `scripts/py-deps.sh` (pip) when it cannot yet.
+fn python_ready() -> Result<(), String> {
+    let ok = || {
+        std::process::Command::new("python3")
+            .args(["-c", "import grpc, grpc_tools, numpy"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if ok() {
+        return Ok(());
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("bash")
+        .arg(root.join("scripts/py-deps.sh"))
+        .output()
+        .map_err(|e| format!("running scripts/py-deps.sh: {e}"))?;
+    if ok() {
+        Ok(())
+    } else {
+        Err(format!(
+            "python3 lacks grpcio/grpcio-tools/numpy and pip could not install them: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// The f16 payload of a `.npy` file written by numpy (little-endian, C order).
+fn npy_payload(bytes: &[u8]) -> (&[u8], String) {
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "not a .npy file");
+    let (hlen, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        _ => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
+    };
+    let header = String::from_utf8_lossy(&bytes[start..start + hlen]).to_string();
+    (&bytes[start + hlen..], header)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_example_reads_the_kv_the_rust_client_returns() {
+    if let Err(why) = python_ready() {
+        eprintln!("SKIPPED python_example_reads_the_kv_the_rust_client_returns: {why}");
+        return;
+    }
+    let a = TestServer::start(&[]);
+    let b = TestServer::start(&[]);
+    let urls = vec![a.url(), b.url()];
+    let sc = TestSidecar::start(&urls, &["--ram-bytes", "64MiB", "--shm-bytes", "32MiB"]);
+    let c = sc.client().await;
+    let layout = smol_layout("sidecar-python", Dtype::F16, 128);
+    // Three whole chunks and a partial one stored; the lookup covers more
+    // keys than are stored, so the prefix ends early.
+    let (kv, ids) = (random_kv(&layout, 450, 21), ids(450, 21));
+    put_placed(&urls, &layout, &kv, &ids).await;
+    let mut longer = ids.clone();
+    longer.extend(ids.iter().map(|t| t + 1));
+    let keys = chain_keys(&layout.namespace_id(), &longer, 128);
+    let hex: Vec<String> = keys.iter().map(|k| k.to_hex()).collect();
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = sc.dir.path().join("kv.npy");
+    let run = std::process::Command::new("python3")
+        .arg(root.join("examples/python/sidecar_numpy.py"))
+        .args(["--socket", sc.proc.as_ref().unwrap().socket.to_str().unwrap()])
+        .args(["--proto-dir", root.join("proto").to_str().unwrap()])
+        .args(["--model-id", &layout.model_id, "--layers", "30", "--kv-heads", "3", "--head-dim", "64"])
+        .args(["--dtype", "f16", "--chunk-tokens", "128", "--keys", &hex.join(",")])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .expect("run python3");
+    assert!(
+        run.status.success(),
+        "python example failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let summary = String::from_utf8_lossy(&run.stdout);
+    assert!(summary.contains("\"prefix_chunks\": 3"), "{summary}");
+    assert!(summary.contains("\"tokens\": 384"), "{summary}");
+    // What the Rust client gets for the same prefix through the same sidecar.
+    let got = c.get_prefix(&layout, &longer, Dtype::F16).await.unwrap().expect("cached");
+    assert_eq!(got.tokens, 384);
+    let bytes = std::fs::read(&out).unwrap();
+    let (payload, header) = npy_payload(&bytes);
+    assert!(header.contains("'<f2'") && header.contains("(30, 2, 384, 3, 64)"), "{header}");
+    assert!(payload == got.kv.data(), "numpy KV differs from the Rust client's");
+    assert!(payload == slice_tokens(&kv.view(), 0, 384).unwrap().data(), "and from what was stored");
+}

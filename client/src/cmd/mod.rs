@@ -5,6 +5,7 @@ mod ask;
 #[cfg(feature = "model")]
 mod bench_codec;
 mod bench_get;
+mod bench_sidecar;
 #[cfg(feature = "model")]
 mod bench_ttft;
 #[cfg(feature = "model")]
@@ -66,6 +67,8 @@ enum Command {
 enum BenchCommand {
     /// Get throughput from the RAM tier over loopback, beside raw TCP and Redis.
     Get(bench_get::BenchGetArgs),
+    /// One chunk through a local sidecar (shared memory, socket) beside a direct upstream Get: p50/p99, ops/s.
+    Sidecar(bench_sidecar::BenchSidecarArgs),
     /// Codec profiles side by side on a real KV cache: ratio, error, Δppl, encode/decode GB/s.
     #[cfg(feature = "model")]
     Codec(bench_codec::BenchCodecArgs),
@@ -126,6 +129,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stat(a) => stat::stat(a).await,
         Command::Sidecar(a) => sidecar::run(a),
         Command::Bench(BenchCommand::Get(a)) => bench_get::run(a).await,
+        Command::Bench(BenchCommand::Sidecar(a)) => bench_sidecar::run(a).await,
         // CPU-bound for minutes: off the async runtime.
         #[cfg(feature = "model")]
         Command::Bench(BenchCommand::Codec(a)) => {
