@@ -161,6 +161,20 @@ async fn reads_go_upstream_then_hit_locally_bit_exact_on_both_paths() {
             "shm chunk {i}"
         );
     }
+    // The same request again is served from the decoded run in the region:
+    // same offsets, a second read-only lease on it, bytes still exact.
+    let again = get_into(&mut s, &layout, &keys2).await;
+    let (l1, l2) = (r.lease.unwrap(), again.lease.unwrap());
+    assert_ne!(l1.lease_id, l2.lease_id);
+    assert_eq!(l1.offset, l2.offset);
+    for (i, (p, q)) in r.chunks.iter().zip(&again.chunks).enumerate() {
+        assert!(q.found && q.local);
+        assert_eq!((p.offset, p.length), (q.offset, q.length));
+        assert_eq!(
+            read_region(&region, q.offset, q.length),
+            chunk_bytes(&kv2, &layout, i)
+        );
+    }
     let before = local_hits(&c).await.0;
     let got = c
         .get_prefix(&layout, &ids2, Dtype::F16)
@@ -358,13 +372,6 @@ async fn hostile_callers_get_clear_errors_and_other_slots_survive() {
     let region = Path::new(&info.path).to_path_buf();
     assert_eq!(info.slots, 8);
 
-    // A good lease holding chunk 0, long-lived.
-    let good = get_into(&mut s, &layout, &keys[..1]).await;
-    let good_lease = good.lease.unwrap();
-    let good_chunk = good.chunks[0];
-    let want = chunk_bytes(&kv, &layout, 0);
-    assert_eq!(read_region(&region, good_chunk.offset, good_chunk.length), want);
-
     let req = |lease_id: u64, first_slot: u32, ks: &[kvault_proto::ChunkKey]| pb::GetIntoRequest {
         namespace: Some(layout.to_proto()),
         keys: wire(ks),
@@ -372,6 +379,37 @@ async fn hostile_callers_get_clear_errors_and_other_slots_survive() {
         first_slot,
         ..Default::default()
     };
+    // A good lease (the engine's own slot) holding chunk 0, long-lived.
+    let good_lease = s
+        .lease(pb::LeaseRequest {
+            bytes: 1,
+            lease_ms: 60_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(good_lease.slot_count, 1);
+    let good = s
+        .get_into(req(good_lease.lease_id, good_lease.first_slot, &keys[..1]))
+        .await
+        .unwrap()
+        .into_inner();
+    let good_chunk = good.chunks[0];
+    let want = chunk_bytes(&kv, &layout, 0);
+    assert_eq!(read_region(&region, good_chunk.offset, good_chunk.length), want);
+    // A shared decoded run (GetInto without a lease) is read-only.
+    let shared = get_into(&mut s, &layout, &keys[2..3]).await.lease.unwrap();
+    let e = s
+        .get_into(req(shared.lease_id, shared.first_slot, &keys[1..2]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("read-only"), "{e}");
+    s.release(pb::ReleaseRequest {
+        lease_id: shared.lease_id,
+    })
+    .await
+    .unwrap();
     // Slot index out of range.
     let e = s
         .get_into(req(good_lease.lease_id, 9999, &keys[1..2]))
@@ -454,11 +492,26 @@ async fn hostile_callers_get_clear_errors_and_other_slots_survive() {
         .await
         .unwrap()
         .into_inner();
+    // Free: all but the good lease and the (unpinned, evictable) cached run.
     assert_eq!(
         info.free_slots,
-        8 - good_lease.slot_count,
+        8 - good_lease.slot_count - shared.slot_count,
         "expired slots come back"
     );
+    // The cached run gives way when space is needed: a lease of every other slot fits.
+    let big = s
+        .lease(pb::LeaseRequest {
+            bytes: (8 - good_lease.slot_count as u64) << 20,
+            lease_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    s.release(pb::ReleaseRequest {
+        lease_id: big.lease_id,
+    })
+    .await
+    .unwrap();
     // Writing more into the good lease (from its first slot) works and
     // leaves the bytes exactly right.
     let r = s
@@ -559,8 +612,24 @@ async fn python_example_reads_the_kv_the_rust_client_returns() {
         .arg(root.join("examples/python/sidecar_numpy.py"))
         .args(["--socket", sc.proc.as_ref().unwrap().socket.to_str().unwrap()])
         .args(["--proto-dir", root.join("proto").to_str().unwrap()])
-        .args(["--model-id", &layout.model_id, "--layers", "30", "--kv-heads", "3", "--head-dim", "64"])
-        .args(["--dtype", "f16", "--chunk-tokens", "128", "--keys", &hex.join(",")])
+        .args([
+            "--model-id",
+            &layout.model_id,
+            "--layers",
+            "30",
+            "--kv-heads",
+            "3",
+            "--head-dim",
+            "64",
+        ])
+        .args([
+            "--dtype",
+            "f16",
+            "--chunk-tokens",
+            "128",
+            "--keys",
+            &hex.join(","),
+        ])
         .args(["--out", out.to_str().unwrap()])
         .output()
         .expect("run python3");
@@ -573,11 +642,24 @@ async fn python_example_reads_the_kv_the_rust_client_returns() {
     assert!(summary.contains("\"prefix_chunks\": 3"), "{summary}");
     assert!(summary.contains("\"tokens\": 384"), "{summary}");
     // What the Rust client gets for the same prefix through the same sidecar.
-    let got = c.get_prefix(&layout, &longer, Dtype::F16).await.unwrap().expect("cached");
+    let got = c
+        .get_prefix(&layout, &longer, Dtype::F16)
+        .await
+        .unwrap()
+        .expect("cached");
     assert_eq!(got.tokens, 384);
     let bytes = std::fs::read(&out).unwrap();
     let (payload, header) = npy_payload(&bytes);
-    assert!(header.contains("'<f2'") && header.contains("(30, 2, 384, 3, 64)"), "{header}");
-    assert!(payload == got.kv.data(), "numpy KV differs from the Rust client's");
-    assert!(payload == slice_tokens(&kv.view(), 0, 384).unwrap().data(), "and from what was stored");
+    assert!(
+        header.contains("'<f2'") && header.contains("(30, 2, 384, 3, 64)"),
+        "{header}"
+    );
+    assert!(
+        payload == got.kv.data(),
+        "numpy KV differs from the Rust client's"
+    );
+    assert!(
+        payload == slice_tokens(&kv.view(), 0, 384).unwrap().data(),
+        "and from what was stored"
+    );
 }

@@ -92,7 +92,11 @@ def main():
     )
     keys = [bytes.fromhex(k) for k in a.keys.split(",") if k]
 
-    channel = grpc.insecure_channel(f"unix:{os.path.abspath(a.socket)}")
+    # gRPC core would send the socket path as :authority, which an HTTP/2
+    # server rightly refuses; any plain host name will do.
+    channel = grpc.insecure_channel(
+        f"unix:{os.path.abspath(a.socket)}", options=[("grpc.default_authority", "localhost")]
+    )
     kv = kv_grpc.KvVaultStub(channel)
     sc = sc_grpc.SidecarStub(channel)
 

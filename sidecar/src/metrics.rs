@@ -37,6 +37,8 @@ pub struct Metrics {
     pub shm_bytes: IntCounter,
     /// Leases that ran out of time.
     pub leases_expired: IntCounter,
+    /// GetInto calls answered from a decoded run already in the region.
+    pub shm_run_hits: IntCounter,
     requests: IntCounterVec,
     latency: HistogramVec,
     local_bytes: IntGauge,
@@ -44,6 +46,7 @@ pub struct Metrics {
     region_slots: IntGauge,
     region_free: IntGauge,
     region_leases: IntGauge,
+    region_runs: IntGauge,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -122,6 +125,10 @@ impl Metrics {
             ),
             shm_bytes: counter("shm_bytes_total", "Decoded bytes written into the shared region"),
             leases_expired: counter("leases_expired_total", "Leases that ran out of time"),
+            shm_run_hits: counter(
+                "shm_run_hits_total",
+                "GetInto calls answered from decoded chunks already in the region (no fetch, no decode)",
+            ),
             requests: counter_vec(
                 "requests_total",
                 "Requests by method and status code",
@@ -133,6 +140,7 @@ impl Metrics {
             region_slots: gauge("region_slots", "Slots of the shared region"),
             region_free: gauge("region_free_slots", "Slots of the shared region not leased"),
             region_leases: gauge("region_leases", "Live leases of the shared region"),
+            region_runs: gauge("region_runs", "Decoded runs kept in the shared region for reuse"),
             registry,
         }
     }
@@ -153,6 +161,7 @@ impl Metrics {
             self.region_slots.set(r.slots as i64);
             self.region_free.set(r.free_slots as i64);
             self.region_leases.set(r.leases as i64);
+            self.region_runs.set(r.runs as i64);
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.

@@ -83,6 +83,9 @@ pub enum RegionError {
     /// Another request is writing into the lease.
     #[error("lease {0} is being written by another request")]
     Busy(u64),
+    /// The lease reads a shared decoded run; only leases from `Lease` take writes.
+    #[error("lease {0} is a read-only lease on shared decoded data; write into a lease from Lease")]
+    ReadOnly(u64),
     /// A lease of zero bytes.
     #[error("a lease must hold at least one byte")]
     Empty,
@@ -122,14 +125,37 @@ struct Lease {
     writing: bool,
     // Released or expired while a write was running: freed when it ends.
     doomed: bool,
+    // A read-only lease on a cached decoded run: releasing it unpins the
+    // run, whose slots stay with the cache.
+    run: Option<RunKey>,
 }
 
-struct State {
-    // One flag per slot: true when a lease holds it.
+/// Names one decoded run (a GetInto's chunks, layers and dtype, for one
+/// tenant); the caller derives it, the region only compares it.
+pub type RunKey = [u8; 32];
+
+/// A decoded run kept in the region after its first GetInto, so the same
+/// request again is answered with offsets alone: no fetch, no decode, no copy.
+struct Run<M> {
+    first: u32,
+    count: u32,
+    // Leases reading it; only an unpinned run may be evicted.
+    pins: u32,
+    // Last use, for least-recently-used eviction.
+    tick: u64,
+    // Dropped from the index (a Delete) but still pinned: freed at the last unpin.
+    stale: bool,
+    meta: Arc<M>,
+}
+
+struct State<M> {
+    // One flag per slot: true when a lease or a cached run holds it.
     used: Vec<bool>,
     free: u32,
     leases: HashMap<u64, Lease>,
     expired: VecDeque<u64>,
+    runs: HashMap<RunKey, Run<M>>,
+    tick: u64,
 }
 
 /// Counters the region reports to metrics.
@@ -141,22 +167,25 @@ pub struct RegionStats {
     pub free_slots: u32,
     /// Live leases.
     pub leases: u32,
+    /// Decoded runs kept for reuse.
+    pub runs: u32,
 }
 
-/// The mapped region and its slot table.
-pub struct Region {
+/// The mapped region and its slot table. `M` is what the caller keeps with
+/// each cached decoded run (where its chunks lie).
+pub struct Region<M = ()> {
     path: PathBuf,
     map: MmapRaw,
     slot_bytes: u64,
     slots: u32,
     default_lease: Duration,
     max_lease: Duration,
-    state: Mutex<State>,
+    state: Mutex<State<M>>,
     // Removes the file on drop when the sidecar created it.
     owns_file: bool,
 }
 
-impl Region {
+impl<M> Region<M> {
     /// Creates (or truncates) `path`, sizes it to `bytes` rounded down to
     /// whole slots, and maps it. The file is readable by the owner only: the
     /// engine runs as the same user.
@@ -166,7 +195,7 @@ impl Region {
         slot_bytes: u64,
         default_lease: Duration,
         max_lease: Duration,
-    ) -> Result<Region, RegionIoError> {
+    ) -> Result<Region<M>, RegionIoError> {
         let io = |source| RegionIoError {
             path: path.to_path_buf(),
             source,
@@ -203,6 +232,8 @@ impl Region {
                 free: slots,
                 leases: HashMap::new(),
                 expired: VecDeque::new(),
+                runs: HashMap::new(),
+                tick: 0,
             }),
             owns_file: true,
         })
@@ -243,7 +274,7 @@ impl Region {
         self.max_lease
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<M>> {
         // A panic while holding the lock leaves consistent flags (no partial
         // updates span an unwind point), so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -264,6 +295,7 @@ impl Region {
             slots: self.slots,
             free_slots: st.free,
             leases: st.leases.len() as u32,
+            runs: st.runs.len() as u32,
         }
     }
 
@@ -286,7 +318,7 @@ impl Region {
         Self::reap_locked(&mut st, now)
     }
 
-    fn reap_locked(st: &mut State, now: Instant) -> usize {
+    fn reap_locked(st: &mut State<M>, now: Instant) -> usize {
         let gone: Vec<u64> = st
             .leases
             .iter()
@@ -310,17 +342,100 @@ impl Region {
         gone.len()
     }
 
-    fn free_locked(st: &mut State, id: u64) {
-        if let Some(l) = st.leases.remove(&id) {
-            for s in &mut st.used[l.first as usize..(l.first + l.count) as usize] {
-                *s = false;
+    fn free_locked(st: &mut State<M>, id: u64) {
+        let Some(l) = st.leases.remove(&id) else { return };
+        match l.run {
+            Some(key) => Self::unpin_locked(st, key),
+            None => Self::free_slots(st, l.first, l.count),
+        }
+    }
+
+    fn free_slots(st: &mut State<M>, first: u32, count: u32) {
+        for s in &mut st.used[first as usize..(first + count) as usize] {
+            *s = false;
+        }
+        st.free += count;
+    }
+
+    fn unpin_locked(st: &mut State<M>, key: RunKey) {
+        let Some(r) = st.runs.get_mut(&key) else { return };
+        r.pins = r.pins.saturating_sub(1);
+        if r.pins == 0 && r.stale {
+            if let Some(r) = st.runs.remove(&key) {
+                Self::free_slots(st, r.first, r.count);
             }
-            st.free += l.count;
+        }
+    }
+
+    /// Evicts the least recently used unpinned run; false when none is left.
+    fn evict_one(st: &mut State<M>) -> bool {
+        let victim = st
+            .runs
+            .iter()
+            .filter(|(_, r)| r.pins == 0)
+            .min_by_key(|(_, r)| r.tick)
+            .map(|(k, _)| *k);
+        match victim.and_then(|k| st.runs.remove(&k)) {
+            Some(r) => {
+                Self::free_slots(st, r.first, r.count);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A read-only lease on the cached run `key`, when the region holds it:
+    /// the run's offset, its metadata and the lease.
+    pub fn pin_run(&self, key: &RunKey, lease_ms: u32) -> Option<(LeaseInfo, Arc<M>)> {
+        let ttl = self.ttl(lease_ms);
+        let now = Instant::now();
+        let mut st = self.lock();
+        Self::reap_locked(&mut st, now);
+        st.tick += 1;
+        let tick = st.tick;
+        let r = st.runs.get_mut(key).filter(|r| !r.stale)?;
+        r.pins += 1;
+        r.tick = tick;
+        let (first, count, meta) = (r.first, r.count, r.meta.clone());
+        let mut id = rand::random::<u64>();
+        while id == 0 || st.leases.contains_key(&id) {
+            id = rand::random::<u64>();
+        }
+        let lease = Lease {
+            first,
+            count,
+            expires: now + ttl,
+            writing: false,
+            doomed: false,
+            run: Some(*key),
+        };
+        let info = self.info(id, &lease, now);
+        st.leases.insert(id, lease);
+        Some((info, meta))
+    }
+
+    /// Drops every cached run from the index (after a Delete): unpinned
+    /// runs are freed now, pinned ones when their last reader lets go.
+    pub fn forget_runs(&self) {
+        let mut st = self.lock();
+        let keys: Vec<RunKey> = st.runs.keys().copied().collect();
+        for k in keys {
+            let free = match st.runs.get_mut(&k) {
+                Some(r) if r.pins == 0 => true,
+                Some(r) => {
+                    r.stale = true;
+                    false
+                }
+                None => false,
+            };
+            if free && let Some(r) = st.runs.remove(&k) {
+                Self::free_slots(&mut st, r.first, r.count);
+            }
         }
     }
 
     /// Finds a live lease, turning expiry into its error.
-    fn live(st: &mut State, id: u64, now: Instant) -> Result<&mut Lease, RegionError> {
+    fn live(st: &mut State<M>, id: u64, now: Instant) -> Result<&mut Lease, RegionError> {
         if !st.leases.contains_key(&id) {
             return Err(if st.expired.contains(&id) {
                 RegionError::Expired(id)
@@ -337,7 +452,7 @@ impl Region {
 
     fn allocate_locked(
         &self,
-        st: &mut State,
+        st: &mut State<M>,
         bytes: u64,
         ttl: Duration,
         writing: bool,
@@ -355,21 +470,27 @@ impl Region {
         let now = Instant::now();
         Self::reap_locked(st, now);
         // First fit: slot counts are small (a region of GiBs in MiB slots).
-        let mut run = 0u32;
-        let mut found = None;
-        for (i, used) in st.used.iter().enumerate() {
-            run = if *used { 0 } else { run + 1 };
-            if run == want {
-                found = Some(i as u32 + 1 - want);
-                break;
+        // Cached runs nobody reads give way, least recently used first.
+        let first = loop {
+            let mut run = 0u32;
+            let mut found = None;
+            for (i, used) in st.used.iter().enumerate() {
+                run = if *used { 0 } else { run + 1 };
+                if run == want {
+                    found = Some(i as u32 + 1 - want);
+                    break;
+                }
             }
-        }
-        let Some(first) = found else {
-            return Err(RegionError::NoSpace {
-                bytes,
-                slots: want,
-                free: st.free,
-            });
+            if let Some(f) = found {
+                break f;
+            }
+            if !Self::evict_one(st) {
+                return Err(RegionError::NoSpace {
+                    bytes,
+                    slots: want,
+                    free: st.free,
+                });
+            }
         };
         for s in &mut st.used[first as usize..(first + want) as usize] {
             *s = true;
@@ -387,6 +508,7 @@ impl Region {
                 expires: now + ttl,
                 writing,
                 doomed: false,
+                run: None,
             },
         );
         Ok(id)
@@ -426,7 +548,11 @@ impl Region {
     }
 
     /// A fresh lease for `bytes`, with its write permit held.
-    pub fn lease_for_write(self: &Arc<Self>, bytes: u64, lease_ms: u32) -> Result<WriteGuard, RegionError> {
+    pub fn lease_for_write(
+        self: &Arc<Self>,
+        bytes: u64,
+        lease_ms: u32,
+    ) -> Result<WriteGuard<M>, RegionError> {
         let ttl = self.ttl(lease_ms);
         let mut st = self.lock();
         let id = self.allocate_locked(&mut st, bytes, ttl, true)?;
@@ -443,7 +569,12 @@ impl Region {
     }
 
     /// The write permit of an existing lease, for `bytes` from `slot` on.
-    pub fn write_into(self: &Arc<Self>, id: u64, slot: u32, bytes: u64) -> Result<WriteGuard, RegionError> {
+    pub fn write_into(
+        self: &Arc<Self>,
+        id: u64,
+        slot: u32,
+        bytes: u64,
+    ) -> Result<WriteGuard<M>, RegionError> {
         if slot >= self.slots {
             return Err(RegionError::SlotOutOfRange {
                 slot,
@@ -471,6 +602,9 @@ impl Region {
                 have,
                 need: bytes,
             });
+        }
+        if l.run.is_some() {
+            return Err(RegionError::ReadOnly(id));
         }
         if l.writing {
             return Err(RegionError::Busy(id));
@@ -509,7 +643,7 @@ impl Region {
     }
 }
 
-impl Drop for Region {
+impl<M> Drop for Region<M> {
     fn drop(&mut self) {
         if self.owns_file {
             let _ = std::fs::remove_file(&self.path);
@@ -519,8 +653,8 @@ impl Drop for Region {
 
 /// The exclusive right to write one lease's bytes (from a slot on).
 /// Dropping it ends the write; a failed write of a fresh lease frees it.
-pub struct WriteGuard {
-    region: Arc<Region>,
+pub struct WriteGuard<M = ()> {
+    region: Arc<Region<M>>,
     id: u64,
     fresh: bool,
     offset: u64,
@@ -528,7 +662,7 @@ pub struct WriteGuard {
     done: bool,
 }
 
-impl WriteGuard {
+impl<M> WriteGuard<M> {
     /// The lease written.
     pub fn lease_id(&self) -> u64 {
         self.id
@@ -559,9 +693,47 @@ impl WriteGuard {
         self.done = true;
         self.region.lease_info(self.id)
     }
+
+    /// Ends the write of a fresh lease and hands its slots to the cache as
+    /// run `key`: the lease becomes the run's first reader, and the same
+    /// request later pins the run instead of decoding again. A write into
+    /// an existing lease (the caller's own slots) is never cached.
+    pub fn finish_cached(mut self, key: RunKey, meta: M) -> Result<LeaseInfo, RegionError> {
+        self.done = true;
+        if !self.fresh {
+            return self.region.lease_info(self.id);
+        }
+        let now = Instant::now();
+        let mut st = self.region.lock();
+        st.tick += 1;
+        let tick = st.tick;
+        let l = Region::live(&mut st, self.id, now)?;
+        let (first, count) = (l.first, l.count);
+        // The same run cached meanwhile by a concurrent request: keep that
+        // one, and this lease keeps its own slots uncached.
+        if st.runs.contains_key(&key) {
+            let l = Region::live(&mut st, self.id, now)?;
+            return Ok(self.region.info(self.id, l, now));
+        }
+        let l = Region::live(&mut st, self.id, now)?;
+        l.run = Some(key);
+        let info = self.region.info(self.id, l, now);
+        st.runs.insert(
+            key,
+            Run {
+                first,
+                count,
+                pins: 1,
+                tick,
+                stale: false,
+                meta: Arc::new(meta),
+            },
+        );
+        Ok(info)
+    }
 }
 
-impl Drop for WriteGuard {
+impl<M> Drop for WriteGuard<M> {
     fn drop(&mut self) {
         let mut st = self.region.lock();
         let (doomed, present) = match st.leases.get_mut(&self.id) {
@@ -572,7 +744,7 @@ impl Drop for WriteGuard {
             None => (false, false),
         };
         if present && (doomed || (self.fresh && !self.done)) {
-            Region::free_locked(&mut st, self.id);
+            Region::<M>::free_locked(&mut st, self.id);
         }
     }
 }
@@ -682,7 +854,8 @@ mod tests {
             RegionStats {
                 slots: 4,
                 free_slots: 4,
-                leases: 0
+                leases: 0,
+                runs: 0
             }
         );
     }
@@ -700,6 +873,50 @@ mod tests {
         let f = std::fs::read(r.path()).unwrap();
         assert_eq!(&f[SLOT as usize..SLOT as usize + 4], b"kvlt");
         assert!(r.read(4 * SLOT - 2, 4).is_none());
+    }
+
+    #[test]
+    fn decoded_runs_are_shared_pinned_and_evicted_last_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let r: Arc<Region<&'static str>> = Arc::new(
+            Region::create(
+                &dir.path().join("region"),
+                4 * SLOT,
+                SLOT,
+                Duration::from_secs(5),
+                Duration::from_secs(10),
+            )
+            .unwrap(),
+        );
+        let mut g = r.lease_for_write(2 * SLOT, 0).unwrap();
+        g.buf()[0] = 9;
+        let first = g.finish_cached([1; 32], "run one").unwrap();
+        assert!(r.pin_run(&[2; 32], 0).is_none());
+        let (pinned, meta) = r.pin_run(&[1; 32], 0).unwrap();
+        assert_eq!((*meta, pinned.offset), ("run one", first.offset));
+        assert_eq!(
+            r.write_into(pinned.id, pinned.first_slot, 1).err(),
+            Some(RegionError::ReadOnly(pinned.id))
+        );
+        // Pinned twice: a full-region lease cannot evict it.
+        assert!(matches!(r.lease(4 * SLOT, 0), Err(RegionError::NoSpace { .. })));
+        r.release(first.id).unwrap();
+        r.release(pinned.id).unwrap();
+        assert_eq!(r.stats().runs, 1);
+        assert_eq!(r.stats().free_slots, 2, "an unpinned run keeps its slots");
+        // Unpinned: it gives way to a lease that needs its slots.
+        let all = r.lease(4 * SLOT, 0).unwrap();
+        assert_eq!(r.stats().runs, 0);
+        assert!(r.pin_run(&[1; 32], 0).is_none());
+        r.release(all.id).unwrap();
+        // A forgotten run that is still read is freed by its last reader.
+        let g = r.lease_for_write(SLOT, 0).unwrap();
+        let l = g.finish_cached([3; 32], "run three").unwrap();
+        r.forget_runs();
+        assert!(r.pin_run(&[3; 32], 0).is_none());
+        assert_eq!(r.stats().free_slots, 3);
+        r.release(l.id).unwrap();
+        assert_eq!(r.stats().free_slots, 4);
     }
 
     proptest! {

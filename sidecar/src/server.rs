@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::region::Region;
 use crate::service::{Shared, SidecarKv};
+use crate::shm::RunMeta;
 use crate::shm::SidecarShm;
 use crate::upstream::{UpstreamConfig, Upstreams};
 
@@ -56,7 +57,7 @@ pub struct Sidecar {
     tcp: Option<TcpListener>,
     metrics_listener: Option<TcpListener>,
     shared: Arc<Shared>,
-    region: Option<Arc<Region>>,
+    region: Option<Arc<Region<RunMeta>>>,
 }
 
 impl Sidecar {
@@ -82,7 +83,7 @@ impl Sidecar {
                 .shm
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(format!("/dev/shm/kvault-sidecar-{}", std::process::id())));
-            let r = Region::create(
+            let r = Region::<RunMeta>::create(
                 &path,
                 config.shm_bytes.0,
                 config.slot_bytes.0,
@@ -128,6 +129,7 @@ impl Sidecar {
             put_budget_kib: kib as u32,
             auth: Auth::Open,
             started: Instant::now(),
+            region: region.clone(),
         });
         tracing::info!(
             upstreams = config.upstream.len(),

@@ -45,6 +45,8 @@ pub struct Shared {
     pub auth: Auth,
     /// Start time, for Stat.
     pub started: Instant,
+    /// The shared region, when on (a Delete drops its decoded runs).
+    pub region: Option<Arc<crate::region::Region<crate::shm::RunMeta>>>,
 }
 
 impl Shared {
@@ -282,6 +284,11 @@ impl SidecarKv {
         let keys = keys_from_wire(&req.keys).map_err(ServerError::from)?;
         for k in &keys {
             s.chunks.forget(&tenant, *k).await;
+        }
+        // Decoded runs are indexed by request, not by key: drop them all
+        // (deletes are rare) so no GetInto serves a deleted chunk.
+        if let Some(r) = &s.region {
+            r.forget_runs();
         }
         let deleted = s.chunks.upstreams.delete(tenant.as_str(), &layout, &keys).await?;
         Ok(pb::DeleteResponse { deleted })

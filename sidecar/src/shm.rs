@@ -13,13 +13,13 @@ use kvault_codec::{Container, Dtype, KvShape};
 use kvault_proto::model::{dtype_from_proto, dtype_to_proto, keys_from_wire};
 use kvault_proto::pb::sidecar_server::Sidecar;
 use kvault_proto::pb::{self};
-use kvault_proto::{LayerSpan, Layout};
+use kvault_proto::{ChunkKey, LayerSpan, Layout};
 use kvault_server::error::ServerError;
 use rayon::prelude::*;
 use tonic::{Request, Response, Status};
 
 use crate::chunks::Got;
-use crate::region::{LeaseInfo, Region, RegionError};
+use crate::region::{LeaseInfo, Region, RegionError, RunKey};
 use crate::service::{Shared, timed};
 
 /// Offsets of chunks in a lease are aligned to this many bytes (cache lines
@@ -34,9 +34,10 @@ impl From<RegionError> for Status {
             RegionError::NotInLease { .. } | RegionError::DoesNotFit { .. } | RegionError::Empty => {
                 Status::invalid_argument(m)
             }
-            RegionError::Expired(_) | RegionError::UnknownLease(_) | RegionError::Busy(_) => {
-                Status::failed_precondition(m)
-            }
+            RegionError::Expired(_)
+            | RegionError::UnknownLease(_)
+            | RegionError::Busy(_)
+            | RegionError::ReadOnly(_) => Status::failed_precondition(m),
             RegionError::TooLarge { .. } | RegionError::NoSpace { .. } => Status::resource_exhausted(m),
         }
     }
@@ -53,10 +54,51 @@ fn lease_msg(l: LeaseInfo) -> pb::LeaseInfo {
     }
 }
 
+/// Where each chunk of a cached decoded run lies, relative to the run's start.
+pub type RunMeta = Vec<Placed>;
+
+/// One decoded chunk of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct Placed {
+    /// Index of its key in the request.
+    pub index: usize,
+    /// Offset from the start of the run.
+    pub rel: u64,
+    /// Decoded bytes.
+    pub len: u64,
+    /// Tokens of the chunk.
+    pub tokens: u32,
+}
+
+/// Names a GetInto's output: the same tenant, keys, layers and dtype give
+/// the same bytes (keys are content hashes), so the decoded run can be reused.
+fn run_key(
+    tenant: &str,
+    ns: &kvault_proto::NamespaceId,
+    keys: &[ChunkKey],
+    span: LayerSpan,
+    dtype: Dtype,
+    prefix_only: bool,
+) -> RunKey {
+    let mut h = blake3::Hasher::new();
+    h.update(b"kvault-sidecar-run-v1\0");
+    h.update(&(tenant.len() as u32).to_le_bytes());
+    h.update(tenant.as_bytes());
+    h.update(&ns.0);
+    h.update(&span.start.to_le_bytes());
+    h.update(&span.end.to_le_bytes());
+    h.update(&[dtype as u8, prefix_only as u8]);
+    h.update(&(keys.len() as u32).to_le_bytes());
+    for k in keys {
+        h.update(&k.0);
+    }
+    *h.finalize().as_bytes()
+}
+
 /// The Sidecar service.
 pub struct SidecarShm {
     shared: Arc<Shared>,
-    region: Option<Arc<Region>>,
+    region: Option<Arc<Region<RunMeta>>>,
 }
 
 /// A chunk to decode: its container and where it goes (relative to the
@@ -71,11 +113,11 @@ struct Job {
 
 impl SidecarShm {
     /// A service over the shared state and the region (None: shared memory off).
-    pub fn new(shared: Arc<Shared>, region: Option<Arc<Region>>) -> SidecarShm {
+    pub fn new(shared: Arc<Shared>, region: Option<Arc<Region<RunMeta>>>) -> SidecarShm {
         SidecarShm { shared, region }
     }
 
-    fn region(&self) -> Result<&Arc<Region>, Status> {
+    fn region(&self) -> Result<&Arc<Region<RunMeta>>, Status> {
         self.region.as_ref().ok_or_else(|| {
             Status::failed_precondition(
                 "this sidecar runs without a shared region (start it with --shm-bytes)",
@@ -112,6 +154,38 @@ impl SidecarShm {
                 .into());
             }
             region.lease_info(req.lease_id)?;
+        }
+        // Hot path: the same request decoded before and still in the region
+        // is answered with offsets alone (a read-only lease pins it).
+        let rkey = run_key(
+            tenant.as_str(),
+            &layout.namespace_id(),
+            &keys,
+            span,
+            out_dtype,
+            req.prefix_only,
+        );
+        if req.lease_id == 0
+            && let Some((lease, meta)) = region.pin_run(&rkey, req.lease_ms)
+        {
+            s.metrics.shm_run_hits.inc();
+            let mut chunks = vec![pb::ChunkPlacement::default(); keys.len()];
+            for p in meta.iter() {
+                chunks[p.index] = pb::ChunkPlacement {
+                    found: true,
+                    offset: lease.offset + p.rel,
+                    length: p.len,
+                    tokens: p.tokens,
+                    layer_start: span.start,
+                    layer_count: span.end - span.start,
+                    local: true,
+                };
+            }
+            return Ok(pb::GetIntoResponse {
+                lease: Some(lease_msg(lease)),
+                chunks,
+                dtype: dtype_to_proto(out_dtype) as i32,
+            });
         }
         let mut got = s.chunks.get(&tenant, &layout, &keys).await?;
         if req.prefix_only
@@ -193,7 +267,22 @@ impl SidecarShm {
         .map_err(|e| Status::internal(format!("decode task failed: {e}")))?;
         // On error the guard drops here and frees a fresh lease.
         written?;
-        let lease = guard.finish()?;
+        // Only complete answers are kept: a run with misses would hide
+        // chunks stored later.
+        let lease = if jobs.len() == keys.len() {
+            let meta: RunMeta = jobs
+                .iter()
+                .map(|j| Placed {
+                    index: j.index,
+                    rel: j.rel,
+                    len: j.len,
+                    tokens: j.tokens,
+                })
+                .collect();
+            guard.finish_cached(rkey, meta)?
+        } else {
+            guard.finish()?
+        };
         for j in &jobs {
             placements[j.index] = pb::ChunkPlacement {
                 found: true,

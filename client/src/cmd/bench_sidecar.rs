@@ -133,7 +133,10 @@ pub async fn run(a: BenchSidecarArgs) -> anyhow::Result<()> {
         let key = kvault_client::chain_keys(&layout.namespace_id(), &ids, 256)[0];
         direct.put(&layout, &key, blob.clone()).await?;
         // Warm the sidecar: the chunk becomes a local hit.
-        local.get(&layout, &key).await?.context("sidecar cannot fetch the chunk")?;
+        local
+            .get(&layout, &key)
+            .await?
+            .context("sidecar cannot fetch the chunk")?;
         let lease = shm
             .lease(pb::LeaseRequest {
                 bytes: raw as u64,
@@ -217,7 +220,10 @@ pub async fn run(a: BenchSidecarArgs) -> anyhow::Result<()> {
         "chunk", "path", "p50 ms", "p99 ms", "ops/s", "GB/s fp16", "vs Get p50", "vs Get+dec p50"
     );
     for (name, raw, enc, rows) in &table {
-        let get = rows.iter().find(|r| r.path == "direct upstream Get").map(|r| r.pct(0.5));
+        let get = rows
+            .iter()
+            .find(|r| r.path == "direct upstream Get")
+            .map(|r| r.pct(0.5));
         let getd = rows
             .iter()
             .find(|r| r.path == "direct upstream Get + decode")
@@ -226,7 +232,11 @@ pub async fn run(a: BenchSidecarArgs) -> anyhow::Result<()> {
             let p50 = r.pct(0.5);
             let total: Duration = r.lat.iter().sum();
             let ops = r.lat.len() as f64 / total.as_secs_f64();
-            let ratio = |d: Option<Duration>| d.map_or("n/a".into(), |d| format!("{:.1}x", d.as_secs_f64() / p50.as_secs_f64()));
+            let ratio = |d: Option<Duration>| {
+                d.map_or("n/a".into(), |d| {
+                    format!("{:.1}x", d.as_secs_f64() / p50.as_secs_f64())
+                })
+            };
             println!(
                 "{:<14} {:<30} {:>9.3} {:>9.3} {:>9.0} {:>10.2} {:>12} {:>14}",
                 format!("{name}"),
@@ -239,12 +249,7 @@ pub async fn run(a: BenchSidecarArgs) -> anyhow::Result<()> {
                 ratio(getd)
             );
         }
-        println!(
-            "{:<14} ({} fp16 bytes, {} stored bytes)",
-            "",
-            raw,
-            enc
-        );
+        println!("{:<14} ({} fp16 bytes, {} stored bytes)", "", raw, enc);
     }
     if !stopped {
         eprintln!("warning: a process did not stop cleanly");
