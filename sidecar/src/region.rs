@@ -360,10 +360,11 @@ impl<M> Region<M> {
     fn unpin_locked(st: &mut State<M>, key: RunKey) {
         let Some(r) = st.runs.get_mut(&key) else { return };
         r.pins = r.pins.saturating_sub(1);
-        if r.pins == 0 && r.stale {
-            if let Some(r) = st.runs.remove(&key) {
-                Self::free_slots(st, r.first, r.count);
-            }
+        if r.pins == 0
+            && r.stale
+            && let Some(r) = st.runs.remove(&key)
+        {
+            Self::free_slots(st, r.first, r.count);
         }
     }
 
