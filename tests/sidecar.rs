@@ -100,19 +100,15 @@ async fn reads_go_upstream_then_hit_locally_bit_exact_on_both_paths() {
     let direct = [a.client().await, b.client().await];
     let keys1 = chain_keys(&layout.namespace_id(), &ids1, 64);
     let keys2 = chain_keys(&layout.namespace_id(), &ids2, 64);
-    let mut owners = [0usize; 2];
+    // (Ports are random, so which upstream owns what varies by run; the
+    // placement unit tests cover balance.)
     for k in keys1.iter().chain(&keys2) {
         let o = placement.owner(k);
-        owners[o] += 1;
         for (i, c) in direct.iter().enumerate() {
             let held = c.exists(&layout, &[*k]).await.unwrap()[0] != pb::Tier::None;
             assert_eq!(held, i == o, "key {k} must live on its owner {o} only");
         }
     }
-    assert!(
-        owners[0] > 0 && owners[1] > 0,
-        "9 keys should use both upstreams: {owners:?}"
-    );
     assert!(writer.stop());
 
     // A fresh sidecar: empty cache, region of 64 MiB.
@@ -183,6 +179,39 @@ async fn reads_go_upstream_then_hit_locally_bit_exact_on_both_paths() {
         .expect("cached");
     assert!(got.kv.data() == kv2.data(), "bytes path, local read differs");
     assert_eq!(local_hits(&c).await.0 - before, keys2.len() as u64);
+
+    // Prefetch warms the cache ahead of use: afterwards every chunk is local.
+    let (kv3, ids3) = (random_kv(&layout, 192, 3), ids(192, 3));
+    put_placed(&urls, &layout, &kv3, &ids3).await;
+    let keys3 = chain_keys(&layout.namespace_id(), &ids3, 64);
+    let pf = s
+        .prefetch(pb::PrefetchRequest {
+            namespace: Some(layout.to_proto()),
+            keys: wire(&keys3),
+            background: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((pf.already_local, pf.fetched, pf.missing), (0, 3, 0));
+    let pf = s
+        .prefetch(pb::PrefetchRequest {
+            namespace: Some(layout.to_proto()),
+            keys: wire(&keys3),
+            background: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pf.already_local, 3);
+    let r = get_into(&mut s, &layout, &keys3).await;
+    for (i, p) in r.chunks.iter().enumerate() {
+        assert!(p.found && p.local, "prefetched chunk {i} should be local: {p:?}");
+        assert_eq!(
+            read_region(&region, p.offset, p.length),
+            chunk_bytes(&kv3, &layout, i)
+        );
+    }
 
     // A layer range decoded to f32 lands as exactly those layers, converted.
     let r = s
@@ -291,13 +320,20 @@ async fn upstream_down_local_hits_served_misses_fast_then_recovery() {
         .filter(|l| l.contains("upstream"))
         .collect::<Vec<_>>()
         .join("\n");
+    // Every upstream that owns one of the missed keys was tried and opened
+    // (ports are random, so that is one or both).
+    let p = Placement::uniform(urls.clone()).unwrap();
+    let mut asked: Vec<usize> = keys2.iter().map(|k| p.owner(k)).collect();
+    asked.sort_unstable();
+    asked.dedup();
+    let n = asked.len() as f64;
     assert!(
-        metric_sum(&text, "kvault_sidecar_upstream_breaker_opened_total") >= 2.0,
+        metric_sum(&text, "kvault_sidecar_upstream_breaker_opened_total") >= n,
         "{upstream_lines}"
     );
     assert!(
-        metric_sum(&text, "kvault_sidecar_upstream_breaker_state") >= 2.0,
-        "both breakers open:\n{text}"
+        metric_sum(&text, "kvault_sidecar_upstream_breaker_state") >= n,
+        "breakers of {n} upstreams open:\n{upstream_lines}"
     );
     assert!(metric_sum(&text, "kvault_sidecar_lookup_degraded_total") >= 1.0);
     assert!(metric_sum(&text, "kvault_sidecar_upstream_misses_total") >= 1.0);
@@ -545,6 +581,77 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_answers_within_its_deadline_when_an_upstream_hangs() {
+    // An upstream that accepts connections and never answers (a hung
+    // process, a black-holed network), beside a real one.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_url = format!("http://{}", hole.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hole.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let real = TestServer::start(&[]);
+    let urls = vec![real.url(), hole_url];
+    let sc = TestSidecar::start(
+        &urls,
+        &[
+            "--ram-bytes",
+            "64MiB",
+            "--lookup-deadline-ms",
+            "50",
+            "--transfer-timeout-ms",
+            "500",
+            "--breaker-cool-down-ms",
+            "60000",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let metrics = sc.proc.as_ref().unwrap().metrics.expect("metrics address");
+    let c = sc.client().await;
+    let layout = smol_layout("sidecar-hang", Dtype::F16, 64);
+    // 32 keys: the chance that none belongs to the hung upstream is 2^-32.
+    let keys = chain_keys(&layout.namespace_id(), &ids(64 * 32, 8), 64);
+    let p = Placement::uniform(urls.clone()).unwrap();
+    assert!(
+        keys.iter().any(|k| p.owner(k) == 1),
+        "some keys must belong to the hung upstream"
+    );
+    for round in 0..5 {
+        let t = Instant::now();
+        let l = c.lookup(&layout, &keys).await.unwrap();
+        let took = t.elapsed();
+        assert_eq!(l.prefix_chunks, 0);
+        // 50 ms deadline; the bound leaves room for a loaded CI machine.
+        assert!(
+            took < Duration::from_millis(500),
+            "round {round}: lookup took {took:?}"
+        );
+    }
+    // The timeouts opened the hung upstream's breaker: a Get now misses at once.
+    let t = Instant::now();
+    let g = c.get_many(&layout, &keys, None).await.unwrap();
+    assert!(g.iter().all(|f| f.is_none()));
+    assert!(
+        t.elapsed() < Duration::from_millis(400),
+        "get took {:?}",
+        t.elapsed()
+    );
+    let text = scrape(metrics).await;
+    assert!(metric_sum(&text, "kvault_sidecar_lookup_degraded_total") >= 5.0);
+    assert!(
+        text.contains("outcome=\"timeout\""),
+        "timeouts are counted:\n{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, "kvault_sidecar_upstream_breaker_opened_total"),
+        1.0
+    );
 }
 
 /// Whether python3 can import what the example needs, installing it with
