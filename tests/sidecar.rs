@@ -654,6 +654,42 @@ async fn lookup_answers_within_its_deadline_when_an_upstream_hangs() {
     );
 }
 
+/// `kvault sidecar ...` runs the sidecar binary (exec, same arguments);
+/// `kvault stat --sidecar PATH` then talks to it over its socket.
+#[test]
+fn cli_runs_the_sidecar_and_talks_to_it_over_its_socket() {
+    use std::io::{BufRead, BufReader};
+    let srv = TestServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let mut child = std::process::Command::new(kvault_tests::bin("kvault"))
+        .args([
+            "sidecar",
+            "--upstream",
+            &srv.url(),
+            "--ram-bytes",
+            "32MiB",
+            "--socket",
+        ])
+        .arg(&sock)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn kvault sidecar");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a line").expect("utf-8");
+    assert!(first.starts_with("kvault-sidecar socket"), "{first}");
+    let o = kvault_tests::kvault(&["stat", "--json", "--sidecar", sock.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("sidecar"), "{text}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // A missing socket is a clear, fast failure.
+    let o = kvault_tests::kvault(&["stat", "--sidecar", dir.path().join("nope").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unavailable"));
+}
+
 /// Whether python3 can import what the example needs, installing it with
 /// `scripts/py-deps.sh` (pip) when it cannot yet.
 fn python_ready() -> Result<(), String> {
