@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh librocksdb-dev libclang-dev
+# The sidecar's Python example is tested against the Rust client.
+scripts/py-deps.sh || echo "warning: could not install grpcio/numpy; the Python sidecar test will skip" >&2
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --bins --quiet

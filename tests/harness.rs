@@ -141,3 +141,47 @@ pub fn model_path() -> PathBuf {
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
+
+/// A `kvault-sidecar` process with its socket (and region file) in a temporary directory.
+pub struct TestSidecar {
+    /// The process.
+    pub proc: Option<kvault_client::local_server::LocalSidecar>,
+    /// Holds the socket and region files.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestSidecar {
+    /// Starts a sidecar in front of `upstreams` with extra flags; its region
+    /// file (when `--shm-bytes` is given) lives in the temporary directory.
+    pub fn start(upstreams: &[String], extra: &[&str]) -> TestSidecar {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let region = dir.path().join("region");
+        let region = region.to_str().expect("utf-8 temp path");
+        let mut args: Vec<&str> = extra.to_vec();
+        if extra.contains(&"--shm-bytes") {
+            args.extend(["--shm", region]);
+        }
+        let proc =
+            kvault_client::local_server::LocalSidecar::start(upstreams, &dir.path().join("sock"), &args)
+                .expect("start kvault-sidecar");
+        TestSidecar {
+            proc: Some(proc),
+            dir,
+        }
+    }
+
+    /// `unix:PATH` of the socket.
+    pub fn url(&self) -> String {
+        self.proc.as_ref().expect("running").url()
+    }
+
+    /// A client connected over the Unix socket.
+    pub async fn client(&self) -> Client {
+        Client::connect(self.url()).await.expect("connect to sidecar")
+    }
+
+    /// Stops with SIGTERM; true when it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        self.proc.take().map(|p| p.stop().expect("stop")).unwrap_or(true)
+    }
+}

@@ -373,6 +373,13 @@ fn warmup_then_ask_through_a_real_server() {
         "{cached}"
     );
     assert_eq!(answer(&cached), answer(&fresh));
+    // Through a sidecar in front of the same server (its Unix socket): the
+    // whole prefix from kvault again, and the same answer.
+    let sc = kvault_tests::TestSidecar::start(std::slice::from_ref(&url), &["--ram-bytes", "64MiB"]);
+    let sock = sc.proc.as_ref().expect("running").socket.clone();
+    let via = ask(&["--sidecar", sock.to_str().expect("utf-8 path")]);
+    assert!(via.contains("336 from kvault"), "{via}");
+    assert_eq!(answer(&via), answer(&cached));
 }
 
 /// The README's main command, end to end (a short answer to keep it quick).

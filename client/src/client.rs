@@ -23,7 +23,8 @@ const MAX_CHUNK_BYTES: u64 = 1 << 30;
 /// How to reach and talk to a server.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `http://host:port` of the server.
+    /// `http://host:port` of the server, or a Unix socket (`unix:/path` or
+    /// a path) of a local sidecar.
     pub endpoint: String,
     /// Limit for establishing the connection.
     pub connect_timeout: Duration,
@@ -35,6 +36,10 @@ pub struct ClientConfig {
     pub token: Option<String>,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
+    /// Connect on first use instead of at once (and reconnect after the
+    /// server restarts): for long-lived processes such as the sidecar, which
+    /// must start, and keep serving, while a server is down.
+    pub lazy: bool,
 }
 
 impl ClientConfig {
@@ -47,6 +52,7 @@ impl ClientConfig {
             tenant: None,
             token: None,
             retry: RetryPolicy::default(),
+            lazy: false,
         }
     }
 }
@@ -96,6 +102,7 @@ pub struct Client {
     rpc: Rpc,
     channel: Channel,
     retry: RetryPolicy,
+    creds: Credentials,
 }
 
 impl Client {
@@ -110,7 +117,11 @@ impl Client {
             endpoint: cfg.endpoint.clone(),
             reason,
         };
-        let ep = Endpoint::from_shared(cfg.endpoint.clone())
+        let url = match unix_socket_path(&cfg.endpoint) {
+            Some(_) => "http://sidecar.invalid".to_string(),
+            None => cfg.endpoint.clone(),
+        };
+        let ep = Endpoint::from_shared(url)
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(cfg.connect_timeout)
             .timeout(cfg.request_timeout)
@@ -134,25 +145,94 @@ impl Client {
                 .transpose()?,
         };
         let endpoint = cfg.endpoint.as_str();
-        let channel = cfg
-            .retry
-            .run(|| {
-                let ep = ep.clone();
-                async move {
-                    ep.connect()
-                        .await
-                        .map_err(|e| ClientError::Unavailable(format!("{endpoint}: {}", source_chain(&e))))
+        let socket = unix_socket_path(endpoint);
+        let channel = if cfg.lazy {
+            match socket.clone() {
+                Some(path) => {
+                    ep.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+                        let path = path.clone();
+                        async move {
+                            let s = tokio::net::UnixStream::connect(path).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                        }
+                    }))
                 }
-            })
-            .await?;
-        let rpc = KvVaultClient::with_interceptor(channel.clone(), creds)
+                None => ep.connect_lazy(),
+            }
+        } else {
+            cfg.retry
+                .run(|| {
+                    let ep = ep.clone();
+                    let socket = socket.clone();
+                    async move {
+                        let r = match socket {
+                            // A local sidecar: HTTP/2 over a Unix domain socket; the
+                            // endpoint's authority is a placeholder the connector ignores.
+                            Some(path) => {
+                                ep.connect_with_connector(tower::service_fn(
+                                    move |_: tonic::transport::Uri| {
+                                        let path = path.clone();
+                                        async move {
+                                            let s = tokio::net::UnixStream::connect(path).await?;
+                                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                                        }
+                                    },
+                                ))
+                                .await
+                            }
+                            None => ep.connect().await,
+                        };
+                        r.map_err(|e| ClientError::Unavailable(format!("{endpoint}: {}", source_chain(&e))))
+                    }
+                })
+                .await?
+        };
+        let rpc = KvVaultClient::with_interceptor(channel.clone(), creds.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Client {
             rpc,
             channel,
             retry: cfg.retry,
+            creds,
         })
+    }
+
+    /// The same connection acting for another tenant (servers without
+    /// tokens): the sidecar forwards each caller's tenant this way.
+    pub fn for_tenant(&self, tenant: &str) -> Result<Client> {
+        let v = tenant
+            .parse::<MetadataValue<tonic::metadata::Ascii>>()
+            .map_err(|_| {
+                ClientError::InvalidArgument(format!("tenant {tenant:?} is not valid ASCII metadata"))
+            })?;
+        let creds = Credentials {
+            tenant: Some(v),
+            token: self.creds.token.clone(),
+        };
+        let rpc = KvVaultClient::with_interceptor(self.channel.clone(), creds.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Client {
+            rpc,
+            channel: self.channel.clone(),
+            retry: self.retry,
+            creds,
+        })
+    }
+
+    /// The same connection with another retry policy (e.g. none, where a
+    /// caller has its own deadline).
+    pub fn with_retry(&self, retry: RetryPolicy) -> Client {
+        Client {
+            retry,
+            ..self.clone()
+        }
+    }
+
+    /// The underlying channel, for other services on the same connection.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// Whether the server reports itself serving (gRPC health).
@@ -321,6 +401,16 @@ impl Client {
     }
 }
 
+/// The socket path of a Unix-socket endpoint: `unix:/path`, `unix:///path`,
+/// or a bare path (anything starting with `/` or `.`); `None` for URLs.
+pub fn unix_socket_path(endpoint: &str) -> Option<std::path::PathBuf> {
+    if let Some(rest) = endpoint.strip_prefix("unix:") {
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        return Some(rest.into());
+    }
+    (endpoint.starts_with('/') || endpoint.starts_with('.')).then(|| endpoint.into())
+}
+
 fn wire_keys(keys: &[ChunkKey]) -> Vec<Bytes> {
     keys.iter().map(|k| Bytes::copy_from_slice(&k.0)).collect()
 }
@@ -415,4 +505,25 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unix_socket_path;
+    use std::path::PathBuf;
+
+    #[test]
+    fn unix_endpoints_are_recognised() {
+        assert_eq!(
+            unix_socket_path("unix:/run/kv.sock"),
+            Some(PathBuf::from("/run/kv.sock"))
+        );
+        assert_eq!(
+            unix_socket_path("unix:///run/kv.sock"),
+            Some(PathBuf::from("/run/kv.sock"))
+        );
+        assert_eq!(unix_socket_path("/tmp/s"), Some(PathBuf::from("/tmp/s")));
+        assert_eq!(unix_socket_path("./s"), Some(PathBuf::from("./s")));
+        assert_eq!(unix_socket_path("http://127.0.0.1:7070"), None);
+    }
 }

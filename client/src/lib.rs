@@ -38,10 +38,12 @@ pub mod kv_file;
 pub mod local_server;
 #[cfg(feature = "model")]
 pub mod model;
+pub mod placement;
 pub mod prefix;
 pub mod retry;
 
 pub use client::{Client, ClientConfig, Fetched, Lookup, Tier};
 pub use error::{ClientError, Result};
 pub use kvault_proto::{ChunkKey, Layout, NamespaceId, Rope, chain_keys};
+pub use placement::{Node, Placement, PlacementError};
 pub use retry::RetryPolicy;

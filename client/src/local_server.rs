@@ -1,5 +1,5 @@
-//! A `kvault-server` child process on loopback, for the demo, benchmarks
-//! and end-to-end tests: started on a free port, found through the address
+//! `kvault-server` and `kvault-sidecar` child processes, for the demo,
+//! benchmarks and end-to-end tests: started on a free port, found through the address
 //! it prints, stopped with SIGTERM (or killed).
 
 use std::io::{BufRead, BufReader};
@@ -14,9 +14,9 @@ use thiserror::Error;
 /// Why a local server could not be started or stopped.
 #[derive(Debug, Error)]
 pub enum LocalServerError {
-    /// The `kvault-server` binary was not found.
+    /// A kvault binary (`kvault-server`, `kvault-sidecar`) was not found.
     #[error(
-        "kvault-server binary not found at {0} (build it with `cargo build --bins`, or set KVAULT_SERVER_BIN)"
+        "binary not found at {0} (build it with `cargo build --bins`, or set KVAULT_SERVER_BIN / KVAULT_SIDECAR_BIN)"
     )]
     NoBinary(PathBuf),
     /// Spawning or signalling failed.
@@ -42,30 +42,25 @@ impl LocalServer {
     /// Path of the `kvault-server` binary: `$KVAULT_SERVER_BIN`, else beside
     /// the running executable (or its parent, for test executables in `deps/`).
     pub fn binary() -> Result<PathBuf, LocalServerError> {
-        if let Some(p) = std::env::var_os("KVAULT_SERVER_BIN") {
-            return Ok(PathBuf::from(p));
-        }
-        let exe = std::env::current_exe()?;
-        let dir = exe.parent().unwrap_or(Path::new("."));
-        for d in [Some(dir), dir.parent()].into_iter().flatten() {
-            let p = d.join("kvault-server");
-            if p.is_file() {
-                return Ok(p);
-            }
-        }
-        Err(LocalServerError::NoBinary(dir.join("kvault-server")))
+        sibling_binary("kvault-server", "KVAULT_SERVER_BIN")
     }
 
     /// Starts a server on a free loopback port with `data_dir` and extra flags
     /// (e.g. `--ram-bytes 64MiB`), and waits until it listens.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Result<LocalServer, LocalServerError> {
+        Self::start_at(data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// Starts a server listening on `listen` (e.g. the address of a server
+    /// that was stopped, so its clients find it again), and waits until it listens.
+    pub fn start_at(data_dir: &Path, listen: &str, extra: &[&str]) -> Result<LocalServer, LocalServerError> {
         let bin = Self::binary()?;
         if !bin.is_file() {
             return Err(LocalServerError::NoBinary(bin));
         }
         let mut child = Command::new(&bin)
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
@@ -160,6 +155,142 @@ impl LocalServer {
 }
 
 impl Drop for LocalServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Path of a kvault binary `name`: `$env` when set, else beside the running
+/// executable (or its parent, for test executables in `deps/`).
+pub fn sibling_binary(name: &str, env: &str) -> Result<PathBuf, LocalServerError> {
+    if let Some(p) = std::env::var_os(env) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        let p = d.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(LocalServerError::NoBinary(dir.join(name)))
+}
+
+/// A running `kvault-sidecar` process (for tests, benchmarks and the demo).
+/// Killed on drop if not stopped.
+pub struct LocalSidecar {
+    child: Option<Child>,
+    /// The Unix socket it serves on.
+    pub socket: PathBuf,
+    /// The shared region file, when started with `--shm-bytes`.
+    pub region: Option<PathBuf>,
+    /// Metrics address, when started with `--metrics`.
+    pub metrics: Option<SocketAddr>,
+}
+
+impl LocalSidecar {
+    /// Path of the `kvault-sidecar` binary (`$KVAULT_SIDECAR_BIN`, else beside this executable).
+    pub fn binary() -> Result<PathBuf, LocalServerError> {
+        sibling_binary("kvault-sidecar", "KVAULT_SIDECAR_BIN")
+    }
+
+    /// Starts a sidecar in front of `upstreams` on `socket` with extra flags,
+    /// and waits until it serves.
+    pub fn start(
+        upstreams: &[String],
+        socket: &Path,
+        extra: &[&str],
+    ) -> Result<LocalSidecar, LocalServerError> {
+        let bin = Self::binary()?;
+        if !bin.is_file() {
+            return Err(LocalServerError::NoBinary(bin));
+        }
+        let mut child = Command::new(&bin)
+            .arg("--upstream")
+            .arg(upstreams.join(","))
+            .arg("--socket")
+            .arg(socket)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| LocalServerError::NotStarted("no stdout".into()))?;
+        let want_region = extra.contains(&"--shm-bytes");
+        let want_metrics = extra.contains(&"--metrics");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut up, mut region, mut metrics) = (false, None, None);
+        while !up || (want_region && region.is_none()) || (want_metrics && metrics.is_none()) {
+            let line = match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait().ok();
+                    return Err(LocalServerError::NotStarted(format!(
+                        "kvault-sidecar printed no socket line (exit status {status:?})"
+                    )));
+                }
+            };
+            if line.starts_with("kvault-sidecar socket ") {
+                up = true;
+            } else if let Some(p) = line.strip_prefix("kvault-sidecar region ") {
+                region = Some(PathBuf::from(p.trim()));
+            } else if let Some(a) = line.strip_prefix("kvault-sidecar metrics on http://") {
+                metrics = a.trim().trim_end_matches("/metrics").parse().ok();
+            }
+        }
+        Ok(LocalSidecar {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+            region,
+            metrics,
+        })
+    }
+
+    /// `unix:PATH` for clients.
+    pub fn url(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    /// Sends SIGTERM and waits for a graceful exit; returns whether it exited cleanly.
+    pub fn stop(mut self) -> Result<bool, LocalServerError> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(true);
+        };
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        for _ in 0..200 {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.kill()?;
+        child.wait()?;
+        Ok(false)
+    }
+}
+
+impl Drop for LocalSidecar {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

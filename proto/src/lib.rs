@@ -1,6 +1,7 @@
 //! The `kvault.v1` wire contract and the domain types that guard it.
 //!
-//! This crate holds the code generated from `proto/kvault.proto` (module [`pb`]),
+//! This crate holds the code generated from `proto/kvault.proto` and
+//! `proto/sidecar.proto` (module [`pb`]),
 //! the validated types the server and client work with past the wire edge
 //! ([`model`]), and the key derivation both sides must agree on ([`keys`]).
 //! It does no I/O. Start with [`model::Layout`] and [`keys::ChunkKey`].

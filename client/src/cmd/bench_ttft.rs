@@ -287,6 +287,7 @@ pub async fn run(a: BenchTtftArgs) -> anyhow::Result<()> {
         Some(n) => Some(
             ServerArgs {
                 server: n.url(),
+                sidecar: None,
                 tenant: None,
                 token: None,
                 timeout: 300,
@@ -298,6 +299,7 @@ pub async fn run(a: BenchTtftArgs) -> anyhow::Result<()> {
     };
     let client = ServerArgs {
         server: url,
+        sidecar: None,
         tenant: None,
         token: None,
         timeout: 300,

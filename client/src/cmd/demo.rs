@@ -89,6 +89,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     );
     let srv = ServerArgs {
         server: server.url(),
+        sidecar: None,
         tenant: None,
         token: None,
         timeout: 120,

@@ -5,12 +5,14 @@ mod ask;
 #[cfg(feature = "model")]
 mod bench_codec;
 mod bench_get;
+mod bench_sidecar;
 #[cfg(feature = "model")]
 mod bench_ttft;
 #[cfg(feature = "model")]
 mod codec_eval;
 #[cfg(feature = "model")]
 mod demo;
+mod sidecar;
 mod stat;
 mod transfer;
 #[cfg(feature = "model")]
@@ -42,6 +44,8 @@ enum Command {
     Profiles,
     /// Show per-tier bytes, chunk counts and hit rates of a server.
     Stat(stat::StatArgs),
+    /// Run a sidecar beside a serving engine: local cache, Unix socket, shared-memory hand-off.
+    Sidecar(sidecar::SidecarArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -63,6 +67,8 @@ enum Command {
 enum BenchCommand {
     /// Get throughput from the RAM tier over loopback, beside raw TCP and Redis.
     Get(bench_get::BenchGetArgs),
+    /// One chunk through a local sidecar (shared memory, socket) beside a direct upstream Get: p50/p99, ops/s.
+    Sidecar(bench_sidecar::BenchSidecarArgs),
     /// Codec profiles side by side on a real KV cache: ratio, error, Δppl, encode/decode GB/s.
     #[cfg(feature = "model")]
     Codec(bench_codec::BenchCodecArgs),
@@ -77,6 +83,9 @@ pub struct ServerArgs {
     /// Server URL.
     #[arg(long, env = "KVAULT_SERVER", default_value = "http://127.0.0.1:7070")]
     pub server: String,
+    /// Use a local sidecar's Unix socket instead of a direct server connection (wins over --server).
+    #[arg(long, env = "KVAULT_SIDECAR")]
+    pub sidecar: Option<std::path::PathBuf>,
     /// Tenant to act for (servers without tokens).
     #[arg(long, env = "KVAULT_TENANT")]
     pub tenant: Option<String>,
@@ -91,13 +100,17 @@ pub struct ServerArgs {
 impl ServerArgs {
     /// Connects to the server.
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        let mut cfg = ClientConfig::new(self.server.clone());
+        let endpoint = match &self.sidecar {
+            Some(p) => format!("unix:{}", p.display()),
+            None => self.server.clone(),
+        };
+        let mut cfg = ClientConfig::new(endpoint.clone());
         cfg.tenant = self.tenant.clone();
         cfg.token = self.token.clone();
         cfg.request_timeout = Duration::from_secs(self.timeout);
         Client::connect_with(cfg)
             .await
-            .with_context(|| format!("connecting to {}", self.server))
+            .with_context(|| format!("connecting to {endpoint}"))
     }
 }
 
@@ -114,7 +127,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stat(a) => stat::stat(a).await,
+        Command::Sidecar(a) => sidecar::run(a),
         Command::Bench(BenchCommand::Get(a)) => bench_get::run(a).await,
+        Command::Bench(BenchCommand::Sidecar(a)) => bench_sidecar::run(a).await,
         // CPU-bound for minutes: off the async runtime.
         #[cfg(feature = "model")]
         Command::Bench(BenchCommand::Codec(a)) => {
