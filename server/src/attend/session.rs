@@ -310,8 +310,16 @@ impl SessionTable {
     /// The session under `key`, marking it used.
     pub fn get(&self, key: SessionKey) -> Option<Arc<Session>> {
         let mut g = self.lock();
+        let now = Instant::now();
         let e = g.entries.get_mut(&key)?;
-        e.last_used = Instant::now();
+        // Expired but not yet swept: gone all the same.
+        if e.session.is_some() && now.duration_since(e.last_used) > self.idle {
+            let bytes = e.reserved;
+            g.entries.remove(&key);
+            g.used -= bytes;
+            return None;
+        }
+        e.last_used = now;
         e.session.clone()
     }
 
