@@ -241,7 +241,7 @@ mod tests {
         let p = Partial::new(
             2,
             3,
-            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            vec![1.0, 2.0, 3.0, 0.0, 0.0, 0.0],
             vec![0.5, f32::NEG_INFINITY],
         )
         .unwrap();
