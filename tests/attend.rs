@@ -580,3 +580,71 @@ async fn bad_inputs_get_clear_errors_and_the_stream_goes_on() {
     );
     assert!(!conn.close(1).await.unwrap());
 }
+
+/// The model decodes with the stored prefix's attention computed by the
+/// servers (2 of them, lossless f16 layout) and produces the same greedy
+/// tokens as with the prefix's KV fetched and attended locally; the part of
+/// the document past the last full chunk is prefilled locally in both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offloaded_decode_gives_the_same_greedy_tokens() {
+    use kvault_client::attend::model::ServerAttention;
+    let model = kvault_client::model::LlamaModel::load(kvault_tests::model_path()).unwrap();
+    let doc = "Four score and seven years ago our fathers brought forth on this continent, a new nation, \
+               conceived in Liberty, and dedicated to the proposition that all men are created equal. Now \
+               we are engaged in a great civil war, testing whether that nation can long endure.";
+    let tok = model.encode_document(doc).unwrap();
+    let prompt = model
+        .tokenizer()
+        .encode("\n\n<|im_start|>user\nWhat is this text about?<|im_end|>\n<|im_start|>assistant\n");
+    let ct = 16usize;
+    let chunks = tok.len() / ct;
+    let prefix = chunks * ct;
+    assert!(chunks >= 2 && prefix < tok.len(), "{} tokens", tok.len());
+    let pf = model.prefill(&tok[..prefix], None).unwrap();
+    let mut f16 = vec![0u8; pf.kv.shape().byte_len(Dtype::F16).unwrap()];
+    kvault_codec::convert(pf.kv.data(), Dtype::F32, &mut f16, Dtype::F16).unwrap();
+    let kv16 = KvTensor::new(pf.kv.shape(), Dtype::F16, f16).unwrap();
+    let layout = model.layout("attend/offload-decode", ct as u32);
+    let servers: Vec<TestServer> = (0..2).map(|_| TestServer::start(&[])).collect();
+    let mut clients = Vec::new();
+    for s in &servers {
+        clients.push(s.client().await);
+    }
+    let split = chunks / 2;
+    let on: Vec<Vec<usize>> = (0..chunks).map(|i| vec![usize::from(i >= split)]).collect();
+    store_chunks(&clients, &layout, &kv16, &tok[..prefix], &on).await;
+
+    let local = tokio::task::block_in_place(|| {
+        let mut s = model.session(Some(&pf.kv)).unwrap();
+        s.feed(&tok[prefix..]).unwrap();
+        s.generate(&prompt, 8).unwrap().tokens
+    });
+    let keys = chain_keys(&layout.namespace_id(), &tok[..prefix], ct);
+    let mut off = Offload::connect(&clients).await.unwrap();
+    let shards = [
+        Shard {
+            server: 0,
+            chunks: 0..split,
+        },
+        Shard {
+            server: 1,
+            chunks: split..chunks,
+        },
+    ];
+    let p = off
+        .open_prefix(&layout, &keys, prefix, &shards, AttendFormat::F16)
+        .await
+        .unwrap();
+    let remote = ServerAttention::new(off, p, model.config().heads);
+    let stats = remote.stats();
+    let offloaded = tokio::task::block_in_place(|| {
+        let mut s = model.offloaded_session(prefix, Box::new(remote)).unwrap();
+        s.feed(&tok[prefix..]).unwrap();
+        s.generate(&prompt, 8).unwrap().tokens
+    });
+    assert!(!local.is_empty());
+    assert_eq!(offloaded, local);
+    // One round trip per layer per forward step: the rest, the prompt, then each new token.
+    let steps = stats.steps.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(steps as usize, 30 * (2 + local.len() - 1), "{steps}");
+}

@@ -373,6 +373,19 @@ fn warmup_then_ask_through_a_real_server() {
         "{cached}"
     );
     assert_eq!(answer(&cached), answer(&fresh));
+    // Attention over the stored prefix computed by the server: the same greedy tokens.
+    let offloaded = ask(&["--offload"]);
+    assert!(
+        offloaded.contains("attention offloaded: 336 prefix tokens"),
+        "{offloaded}"
+    );
+    let ids = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("answer ids:"))
+            .map(str::to_string)
+    };
+    assert!(ids(&cached).is_some(), "{cached}");
+    assert_eq!(ids(&offloaded), ids(&cached));
 }
 
 /// The README's main command, end to end (a short answer to keep it quick).

@@ -10,6 +10,8 @@
 //! ([`merge::merge`]). Start at [`Offload::open_prefix`].
 
 pub mod merge;
+#[cfg(feature = "model")]
+pub mod model;
 
 use std::ops::Range;
 
