@@ -490,14 +490,14 @@ async fn bad_inputs_get_clear_errors_and_the_stream_goes_on() {
     let mut nan = query(1, 4, 16, 0..20, 0.5);
     nan.q[17] = f32::NAN;
     let batch = vec![
-        query(1, 4, 16, 0..20, 0.5),  // fine
-        query(1, 3, 16, 0..20, 0.5),  // 3 heads over 2 KV heads
-        query(1, 4, 8, 0..20, 0.5),   // head dim 8, prefix has 16
-        query(1, 4, 16, 0..21, 0.5),  // past the 20 tokens
-        query(1, 4, 16, 12..4, 0.5),  // reversed range
-        nan,                          // NaN in the query
-        query(9, 4, 16, 0..20, 0.5),  // no such session
-        query(1, 4, 16, 20..20, 0.5), // empty range: fine
+        query(1, 4, 16, 0..20, 0.5),                       // fine
+        query(1, 3, 16, 0..20, 0.5),                       // 3 heads over 2 KV heads
+        query(1, 4, 8, 0..20, 0.5),                        // head dim 8, prefix has 16
+        query(1, 4, 16, 0..21, 0.5),                       // past the 20 tokens
+        query(1, 4, 16, Range { start: 12, end: 4 }, 0.5), // reversed range
+        nan,                                               // NaN in the query
+        query(9, 4, 16, 0..20, 0.5),                       // no such session
+        query(1, 4, 16, 20..20, 0.5),                      // empty range: fine
     ];
     let got = conn.step(&batch).await.unwrap();
     let codes: Vec<&str> = got.iter().map(code).collect();

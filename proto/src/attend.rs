@@ -15,7 +15,7 @@ pub fn f32s_to_le(v: &[f32]) -> Bytes {
 
 /// Unpacks little-endian f32 bytes; `None` when the length is not a multiple of 4.
 pub fn f32s_from_le(b: &[u8]) -> Option<Vec<f32>> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return None;
     }
     Some(

@@ -128,14 +128,14 @@ pub fn local_partial(
     v: &[f32],
     scale: f32,
 ) -> Result<Partial, MergeError> {
-    if kv_heads == 0 || heads % kv_heads != 0 || q.len() != heads * head_dim {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || q.len() != heads * head_dim {
         return Err(MergeError::Length(format!(
             "{heads} query heads of {head_dim} over {kv_heads} KV heads with {} query values",
             q.len()
         )));
     }
     let row = kv_heads * head_dim;
-    if k.len() != v.len() || k.len() % row.max(1) != 0 {
+    if k.len() != v.len() || !k.len().is_multiple_of(row.max(1)) {
         return Err(MergeError::Length(format!(
             "keys ({}) and values ({}) are not whole tokens of {kv_heads}x{head_dim}",
             k.len(),

@@ -52,7 +52,7 @@ impl ServerAttention {
 impl RemoteAttention for ServerAttention {
     fn attend(&mut self, layer: usize, q: &[f32], t: usize, scale: f32) -> Result<Vec<Partial>, ModelError> {
         let per = q.len() / t.max(1);
-        if t == 0 || per * t != q.len() || per % self.heads != 0 {
+        if t == 0 || per * t != q.len() || !per.is_multiple_of(self.heads) {
             return Err(ModelError::Remote(format!(
                 "{} query values are not {t} tokens of {} heads",
                 q.len(),

@@ -333,7 +333,7 @@ impl Attend {
                 q.head_dim, s.head_dim
             )));
         }
-        if q.q_heads == 0 || q.q_heads > MAX_Q_HEADS || q.q_heads as usize % s.kv_heads != 0 {
+        if q.q_heads == 0 || q.q_heads > MAX_Q_HEADS || !(q.q_heads as usize).is_multiple_of(s.kv_heads) {
             return Err(bad(format!(
                 "q_heads {} must be a positive multiple of the prefix's {} KV heads (at most {MAX_Q_HEADS})",
                 q.q_heads, s.kv_heads

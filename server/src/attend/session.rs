@@ -414,7 +414,9 @@ mod tests {
         let HeadKv::F16 { v, .. } = s.head(1, 1) else {
             panic!()
         };
-        let idx_in_chunk = (((1 * 2 + 1) * 3 + 1) * 2 + 1) * 8 + 3;
+        // Index in chunk 1: ((layer 1 · 2 + V) · 3 tokens + token 1) · 2 heads + head 1, then dim 3.
+        let (layer, p, t, h) = (1, 1, 1, 1);
+        let idx_in_chunk = (((layer * 2 + p) * 3 + t) * 2 + h) * 8 + 3;
         let want = f16::from_f32(100.0 + idx_in_chunk as f32 * 0.01);
         assert_eq!(v[5 * 8 + 3], want);
         let q = Session::build(&layout(), &blobs, Format::Int8).unwrap();
