@@ -11,6 +11,7 @@
 //!   `ε = scale·Σ_c |q_c|·s_c / 2`, softmax weights by a factor within
 //!   `e^{±2ε}`, and values by at most `max|v| / 254`: hence
 //!   `|o − ref| ≤ (e^{2ε} − 1)·max|v| + max|v|/254 + 2e-4` and `|lse − ref| ≤ ε + 1e-4`.
+//! - k8v4 layout (int8 keys, 4-bit values): the same with `max|v|/14` for the values.
 
 use std::ops::Range;
 
@@ -121,7 +122,9 @@ async fn store_chunks(
     }
 }
 
-/// Per-query bound on `(o, lse)` error of the int8 layout (see the file's doc).
+/// Per-query bound on `(o, lse)` error of the quantised layouts (see the
+/// file's doc); values have `v_levels` steps each side of zero.
+#[allow(clippy::too_many_arguments)]
 fn int8_bound(
     kv: &[f32],
     s: &KvShape,
@@ -130,6 +133,7 @@ fn int8_bound(
     q_heads: usize,
     scale: f64,
     prefix: usize,
+    v_levels: f64,
 ) -> (f64, f64) {
     let (kvh, hd) = (s.kv_heads as usize, s.head_dim as usize);
     let g = q_heads / kvh;
@@ -150,7 +154,10 @@ fn int8_bound(
         .flat_map(|t| (0..kvh).flat_map(move |h| (0..hd).map(move |d| (t, h, d))))
         .map(|(t, h, d)| at(kv, s, l, 1, t, h, d).abs())
         .fold(0f32, f32::max) as f64;
-    ((2.0 * eps).exp_m1() * vmax + vmax / 254.0 + 2e-4, eps + 1e-4)
+    (
+        (2.0 * eps).exp_m1() * vmax + vmax / (2.0 * v_levels) + 2e-4,
+        eps + 1e-4,
+    )
 }
 
 struct Case<'a> {
@@ -213,7 +220,12 @@ async fn check(
                 &[r.clone(), c.prefix..total],
             );
             let (tol_o, tol_l) = match c.format {
-                AttendFormat::Int8 => int8_bound(c.kv, &c.shape, l, q, c.q_heads, scale as f64, c.prefix),
+                AttendFormat::Int8 => {
+                    int8_bound(c.kv, &c.shape, l, q, c.q_heads, scale as f64, c.prefix, 127.0)
+                }
+                AttendFormat::K8v4 => {
+                    int8_bound(c.kv, &c.shape, l, q, c.q_heads, scale as f64, c.prefix, 7.0)
+                }
                 _ => (1e-5 * (1.0 + vmax), 1e-4),
             };
             for (i, (a, b)) in g.o.iter().zip(&ro).enumerate() {
@@ -297,7 +309,7 @@ async fn merged_partials_equal_full_attention_random_kv() {
         let mut off = Offload::connect(&clients).await.unwrap();
         let ranges = [0..prefix, 17..70, 0..0, 40..41, 31..33];
         for (n, shards) in spreads.iter().enumerate() {
-            for format in [AttendFormat::F16, AttendFormat::Int8] {
+            for format in [AttendFormat::F16, AttendFormat::Int8, AttendFormat::K8v4] {
                 let p = off
                     .open_prefix(&layout, &keys, prefix, shards, format)
                     .await

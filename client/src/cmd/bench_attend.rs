@@ -263,7 +263,7 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
     let kv_bytes = 4 * a.tokens as u64 * (a.layers * KV_HEADS * HEAD_DIM) as u64;
     // Room for the stored chunks plus an f16 and an int8 session of them.
     let ram = format!("{}MiB", (kv_bytes * 2 >> 20) + 256);
-    let attend = format!("{}MiB", (kv_bytes * 2 >> 20) + 512);
+    let attend = format!("{}MiB", (kv_bytes * 2 >> 20) + 1024);
     let server = LocalServer::start(
         &dir.path().join("data"),
         &[
@@ -300,6 +300,9 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
     let t = Instant::now();
     let q = conn.open(2, &lay, &keys, AttendFormat::Int8).await?;
     let open_q = t.elapsed();
+    let t = Instant::now();
+    let q4 = conn.open(3, &lay, &keys, AttendFormat::K8v4).await?;
+    let open_q4 = t.elapsed();
 
     println!();
     println!(
@@ -321,6 +324,7 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
     for (name, sid, opened, open_t, per_tok) in [
         ("f16", 1u64, f, open_f16, 4 * HEAD_DIM as u64),
         ("int8", 2, q, open_q, 2 * HEAD_DIM as u64 + 4),
+        ("k8v4", 3, q4, open_q4, HEAD_DIM as u64 * 3 / 2 + 4),
     ] {
         let steps = throughput(&mut conn, sid, a.layers, a.tokens, a.seconds).await?;
         let tok = steps * a.layers as f64 * a.tokens as f64;
@@ -343,6 +347,7 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
     }
     conn.close(1).await?;
     conn.close(2).await?;
+    conn.close(3).await?;
 
     // Wire against KV, Llama-3-8B at 32k tokens, all 32 layers of one decode step.
     let ctx = 32_768u64;

@@ -39,6 +39,18 @@ pub enum HeadKv<'a> {
         /// Per-token value scales, `[T]`.
         v_scale: &'a [f32],
     },
+    /// Keys as in `Int8`; values 4-bit, two per byte (element `2i` in the
+    /// low nibble), stored as `x + 8` for `x` in `-7..=7`, per-token scales.
+    K8V4 {
+        /// Quantised keys, `[T][D]`.
+        k: &'a [i8],
+        /// Per-channel key scales, `[D]`.
+        k_scale: &'a [f32],
+        /// Packed values, `[T][D/2]`.
+        v: &'a [u8],
+        /// Per-token value scales, `[T]`.
+        v_scale: &'a [f32],
+    },
 }
 
 impl HeadKv<'_> {
@@ -47,6 +59,7 @@ impl HeadKv<'_> {
         match self {
             HeadKv::F16 { .. } => 4 * d,
             HeadKv::Int8 { .. } => 2 * d + 4,
+            HeadKv::K8V4 { .. } => d + d / 2 + 4,
         }
     }
 }
@@ -164,7 +177,7 @@ fn attend_impl<const FMA: bool>(
     // The scale (and for int8 keys the per-channel key scale) goes into the
     // query once, instead of into every score.
     let mut qs: Vec<f32> = q.iter().map(|x| x * scale).collect();
-    if let HeadKv::Int8 { k_scale, .. } = kv {
+    if let HeadKv::Int8 { k_scale, .. } | HeadKv::K8V4 { k_scale, .. } = kv {
         for row in qs.chunks_exact_mut(d) {
             for (x, s) in row.iter_mut().zip(k_scale) {
                 *x *= s;
@@ -180,7 +193,7 @@ fn attend_impl<const FMA: bool>(
         let rows = b * d..(b + n) * d;
         match kv {
             HeadKv::F16 { k, .. } => k[rows.clone()].convert_to_f32_slice(&mut kbuf[..n * d]),
-            HeadKv::Int8 { k, .. } => widen_i8(&k[rows.clone()], &mut kbuf[..n * d]),
+            HeadKv::Int8 { k, .. } | HeadKv::K8V4 { k, .. } => widen_i8(&k[rows.clone()], &mut kbuf[..n * d]),
         }
         for gi in 0..g {
             let qg = &qs[gi * d..(gi + 1) * d];
@@ -208,12 +221,11 @@ fn attend_impl<const FMA: bool>(
             HeadKv::F16 { v, .. } => v[rows].convert_to_f32_slice(&mut vbuf[..n * d]),
             HeadKv::Int8 { v, v_scale, .. } => {
                 widen_i8(&v[rows], &mut vbuf[..n * d]);
-                // Per-token value scales ride on the softmax weights.
-                for gi in 0..g {
-                    for (p, sc) in s[gi * BLOCK..gi * BLOCK + n].iter_mut().zip(&v_scale[b..b + n]) {
-                        *p *= sc;
-                    }
-                }
+                fold_value_scales(&mut s, g, n, &v_scale[b..b + n]);
+            }
+            HeadKv::K8V4 { v, v_scale, .. } => {
+                widen_i4(&v[b * d / 2..(b + n) * d / 2], &mut vbuf[..n * d]);
+                fold_value_scales(&mut s, g, n, &v_scale[b..b + n]);
             }
         }
         for gi in 0..g {
@@ -226,6 +238,25 @@ fn attend_impl<const FMA: bool>(
             }
         }
         b += n;
+    }
+}
+
+/// Per-token value scales ride on the softmax weights `s[G][BLOCK]`.
+#[inline(always)]
+fn fold_value_scales(s: &mut [f32], g: usize, n: usize, scales: &[f32]) {
+    for gi in 0..g {
+        for (p, sc) in s[gi * BLOCK..gi * BLOCK + n].iter_mut().zip(scales) {
+            *p *= sc;
+        }
+    }
+}
+
+/// Unpacks 4-bit values (`x + 8`, low nibble first) to f32.
+#[inline(always)]
+fn widen_i4(src: &[u8], dst: &mut [f32]) {
+    for (o, b) in dst.chunks_exact_mut(2).zip(src) {
+        o[0] = (b & 0x0f) as f32 - 8.0;
+        o[1] = (b >> 4) as f32 - 8.0;
     }
 }
 

@@ -258,6 +258,7 @@ impl Attend {
         let format = match pb::AttendFormat::try_from(o.format) {
             Ok(pb::AttendFormat::Unspecified | pb::AttendFormat::F16) => Format::F16,
             Ok(pb::AttendFormat::Int8) => Format::Int8,
+            Ok(pb::AttendFormat::K8v4) => Format::K8V4,
             Err(_) => return Err(bad(format!("unknown attention format {}", o.format))),
         };
         // Reserve for full chunks before fetching: the real size is known after parsing.

@@ -26,6 +26,8 @@ pub enum Format {
     F16,
     /// int8 keys (per-channel scales) and int8 values (per-token scales).
     Int8,
+    /// int8 keys (per-channel scales) and 4-bit values (per-token scales).
+    K8V4,
 }
 
 impl Format {
@@ -36,6 +38,7 @@ impl Format {
         match self {
             Format::F16 => heads * tokens * d * 4,
             Format::Int8 => heads * (tokens * (2 * d + 4) + d * 4),
+            Format::K8V4 => heads * (tokens * (d + d / 2 + 4) + d * 4),
         }
     }
 }
@@ -49,6 +52,12 @@ enum Store {
         k: Vec<i8>,
         k_scale: Vec<f32>,
         v: Vec<i8>,
+        v_scale: Vec<f32>,
+    },
+    K8V4 {
+        k: Vec<i8>,
+        k_scale: Vec<f32>,
+        v: Vec<u8>,
         v_scale: Vec<f32>,
     },
 }
@@ -73,6 +82,12 @@ impl Session {
     /// full but the last) into `format`. CPU-bound: parallel over layers.
     pub fn build(layout: &Layout, blobs: &[bytes::Bytes], format: Format) -> Result<Session, AttendError> {
         let ct = layout.chunk_tokens as usize;
+        if format == Format::K8V4 && layout.head_dim % 2 != 0 {
+            return Err(AttendError::InvalidArgument(format!(
+                "the 4-bit value layout needs an even head_dim, the prefix has {}",
+                layout.head_dim
+            )));
+        }
         let (layers, kvh, d) = (
             layout.layers as usize,
             layout.kv_heads as usize,
@@ -136,7 +151,8 @@ impl Session {
             })?;
         let store = match format {
             Format::F16 => Store::F16 { k, v },
-            Format::Int8 => quantize(&k, &v, layers * kvh, tokens, d),
+            Format::Int8 => quantize(&k, &v, layers * kvh, tokens, d, false),
+            Format::K8V4 => quantize(&k, &v, layers * kvh, tokens, d, true),
         };
         Ok(Session {
             layers,
@@ -153,6 +169,12 @@ impl Session {
         match &self.store {
             Store::F16 { k, v } => (k.len() + v.len()) as u64 * 2,
             Store::Int8 {
+                k,
+                k_scale,
+                v,
+                v_scale,
+            } => (k.len() + v.len()) as u64 + (k_scale.len() + v_scale.len()) as u64 * 4,
+            Store::K8V4 {
                 k,
                 k_scale,
                 v,
@@ -182,16 +204,26 @@ impl Session {
                 v: &v[rows],
                 v_scale: &v_scale[i * self.tokens..(i + 1) * self.tokens],
             },
+            Store::K8V4 {
+                k,
+                k_scale,
+                v,
+                v_scale,
+            } => HeadKv::K8V4 {
+                k: &k[rows],
+                k_scale: &k_scale[i * self.head_dim..(i + 1) * self.head_dim],
+                v: &v[i * plane / 2..(i + 1) * plane / 2],
+                v_scale: &v_scale[i * self.tokens..(i + 1) * self.tokens],
+            },
         }
     }
 }
 
 /// Keys per channel over the session's tokens (the scale of channel c goes
-/// into q_c at query time), values per token.
-fn quantize(k: &[f16], v: &[f16], heads: usize, tokens: usize, d: usize) -> Store {
+/// into q_c at query time), values per token to int8 or (`v4`) 4 bits.
+fn quantize(k: &[f16], v: &[f16], heads: usize, tokens: usize, d: usize, v4: bool) -> Store {
     let plane = tokens * d;
     let mut kq = vec![0i8; k.len()];
-    let mut vq = vec![0i8; v.len()];
     let mut k_scale = vec![0f32; heads * d];
     let mut v_scale = vec![0f32; heads * tokens];
     kq.par_chunks_mut(plane.max(1))
@@ -211,12 +243,35 @@ fn quantize(k: &[f16], v: &[f16], heads: usize, tokens: usize, d: usize) -> Stor
                 }
             }
         });
+    let token_scale = |src: &[f16], levels: f32| {
+        let max = src.iter().map(|x| x.to_f32().abs()).fold(0.0, f32::max);
+        if max > 0.0 { max / levels } else { 1.0 }
+    };
+    if v4 {
+        let mut vq = vec![0u8; v.len() / 2];
+        vq.par_chunks_mut(d / 2)
+            .zip(v_scale.par_iter_mut())
+            .zip(v.par_chunks(d))
+            .for_each(|((q, s), src)| {
+                *s = token_scale(src, 7.0);
+                let code = |x: f16| ((x.to_f32() / *s).round().clamp(-7.0, 7.0) + 8.0) as u8;
+                for (o, pair) in q.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = code(pair[0]) | code(pair[1]) << 4;
+                }
+            });
+        return Store::K8V4 {
+            k: kq,
+            k_scale,
+            v: vq,
+            v_scale,
+        };
+    }
+    let mut vq = vec![0i8; v.len()];
     vq.par_chunks_mut(d)
         .zip(v_scale.par_iter_mut())
         .zip(v.par_chunks(d))
         .for_each(|((q, s), src)| {
-            let max = src.iter().map(|x| x.to_f32().abs()).fold(0.0, f32::max);
-            *s = if max > 0.0 { max / 127.0 } else { 1.0 };
+            *s = token_scale(src, 127.0);
             for (o, x) in q.iter_mut().zip(src) {
                 *o = (x.to_f32() / *s).round().clamp(-127.0, 127.0) as i8;
             }
@@ -419,8 +474,10 @@ mod tests {
         let idx_in_chunk = (((layer * 2 + p) * 3 + t) * 2 + h) * 8 + 3;
         let want = f16::from_f32(100.0 + idx_in_chunk as f32 * 0.01);
         assert_eq!(v[5 * 8 + 3], want);
-        let q = Session::build(&layout(), &blobs, Format::Int8).unwrap();
-        assert_eq!(q.bytes(), Format::Int8.session_bytes(&layout(), 7));
+        for f in [Format::Int8, Format::K8V4] {
+            let q = Session::build(&layout(), &blobs, f).unwrap();
+            assert_eq!(q.bytes(), f.session_bytes(&layout(), 7), "{f:?}");
+        }
     }
 
     #[test]
