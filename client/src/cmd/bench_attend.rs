@@ -407,7 +407,7 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "notes: GB/s counts the KV bytes the workers must read (f16: K+V 4 B per element pair; int8: 2 B + a 4 B value scale per token and head);"
+        "notes: GB/s counts the KV bytes the workers must read per token and KV head (f16: 4·D; int8: 2·D + a 4 B value scale; k8v4: 1.5·D + 4);"
     );
     println!(
         "STREAM counts copy as 16 B and triad as 24 B per element (no write-allocate traffic). The empty-range row is the RPC floor."

@@ -82,7 +82,7 @@ impl Session {
     /// full but the last) into `format`. CPU-bound: parallel over layers.
     pub fn build(layout: &Layout, blobs: &[bytes::Bytes], format: Format) -> Result<Session, AttendError> {
         let ct = layout.chunk_tokens as usize;
-        if format == Format::K8V4 && layout.head_dim % 2 != 0 {
+        if format == Format::K8V4 && !layout.head_dim.is_multiple_of(2) {
             return Err(AttendError::InvalidArgument(format!(
                 "the 4-bit value layout needs an even head_dim, the prefix has {}",
                 layout.head_dim
