@@ -262,8 +262,8 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let kv_bytes = 4 * a.tokens as u64 * (a.layers * KV_HEADS * HEAD_DIM) as u64;
     // Room for the stored chunks plus an f16 and an int8 session of them.
-    let ram = format!("{}MiB", (kv_bytes * 2 >> 20) + 256);
-    let attend = format!("{}MiB", (kv_bytes * 2 >> 20) + 1024);
+    let ram = format!("{}MiB", ((kv_bytes * 2) >> 20) + 256);
+    let attend = format!("{}MiB", ((kv_bytes * 2) >> 20) + 1024);
     let server = LocalServer::start(
         &dir.path().join("data"),
         &[
@@ -287,7 +287,7 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
         .collect();
     let keys = chain_keys(&lay.namespace_id(), &ids, CHUNK as usize);
     // A trailing partial chunk would need its own blob: keep whole chunks.
-    if a.tokens % CHUNK != 0 {
+    if !a.tokens.is_multiple_of(CHUNK) {
         bail!("--tokens must be a multiple of {CHUNK}");
     }
     for (i, k) in keys.iter().enumerate() {
