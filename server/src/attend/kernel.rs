@@ -130,12 +130,12 @@ pub fn attend(kv: HeadKv<'_>, d: usize, q: &[f32], scale: f32, t0: usize, t1: us
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("fma") {
+        if has!("avx512f") && has!("fma") && has!("f16c") {
             // SAFETY: the CPU has AVX-512F and FMA (checked just above).
             unsafe { attend_avx512(kv, d, q, scale, t0, t1, st) };
             return;
         }
-        if has!("avx2") && has!("fma") {
+        if has!("avx2") && has!("fma") && has!("f16c") {
             // SAFETY: the CPU has AVX2 and FMA (checked just above).
             unsafe { attend_avx2(kv, d, q, scale, t0, t1, st) };
             return;
@@ -145,25 +145,25 @@ pub fn attend(kv: HeadKv<'_>, d: usize, q: &[f32], scale: f32, t0: usize, t1: us
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
 fn attend_avx512(kv: HeadKv<'_>, d: usize, q: &[f32], scale: f32, t0: usize, t1: usize, st: &mut State) {
     attend_impl::<true>(kv, d, q, scale, t0, t1, st);
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn attend_avx2(kv: HeadKv<'_>, d: usize, q: &[f32], scale: f32, t0: usize, t1: usize, st: &mut State) {
     attend_impl::<true>(kv, d, q, scale, t0, t1, st);
 }
 
 /// `a·b + c`, fused where the build has FMA (without it `mul_add` would be a library call).
 #[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA { a.mul_add(b, c) } else { a * b + c }
+fn madd<const SIMD: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if SIMD { a.mul_add(b, c) } else { a * b + c }
 }
 
 #[inline(always)]
-fn attend_impl<const FMA: bool>(
+fn attend_impl<const SIMD: bool>(
     kv: HeadKv<'_>,
     d: usize,
     q: &[f32],
@@ -192,14 +192,14 @@ fn attend_impl<const FMA: bool>(
         let n = BLOCK.min(t1 - b);
         let rows = b * d..(b + n) * d;
         match kv {
-            HeadKv::F16 { k, .. } => k[rows.clone()].convert_to_f32_slice(&mut kbuf[..n * d]),
+            HeadKv::F16 { k, .. } => widen_f16::<SIMD>(&k[rows.clone()], &mut kbuf[..n * d]),
             HeadKv::Int8 { k, .. } | HeadKv::K8V4 { k, .. } => widen_i8(&k[rows.clone()], &mut kbuf[..n * d]),
         }
         for gi in 0..g {
             let qg = &qs[gi * d..(gi + 1) * d];
             let sg = &mut s[gi * BLOCK..gi * BLOCK + n];
             for (j, x) in sg.iter_mut().enumerate() {
-                *x = dot::<FMA>(qg, &kbuf[j * d..(j + 1) * d]);
+                *x = dot::<SIMD>(qg, &kbuf[j * d..(j + 1) * d]);
             }
             let mb = sg.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let m = st.m[gi].max(mb);
@@ -218,7 +218,7 @@ fn attend_impl<const FMA: bool>(
             }
         }
         match kv {
-            HeadKv::F16 { v, .. } => v[rows].convert_to_f32_slice(&mut vbuf[..n * d]),
+            HeadKv::F16 { v, .. } => widen_f16::<SIMD>(&v[rows], &mut vbuf[..n * d]),
             HeadKv::Int8 { v, v_scale, .. } => {
                 widen_i8(&v[rows], &mut vbuf[..n * d]);
                 fold_value_scales(&mut s, g, n, &v_scale[b..b + n]);
@@ -233,12 +233,38 @@ fn attend_impl<const FMA: bool>(
             for j in 0..n {
                 let p = s[gi * BLOCK + j];
                 for (a, x) in acc.iter_mut().zip(&vbuf[j * d..(j + 1) * d]) {
-                    *a = madd::<FMA>(p, *x, *a);
+                    *a = madd::<SIMD>(p, *x, *a);
                 }
             }
         }
         b += n;
     }
+}
+
+/// f16 → f32. `SIMD` builds (AVX2/AVX-512 with F16C, see [`attend`]) use
+/// F16C inline; `half`'s slice conversion would be a call per 8 values.
+#[inline(always)]
+fn widen_f16<const SIMD: bool>(src: &[f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: SIMD is only true inside the F16C-enabled builds, and
+            // i + 8 <= n keeps both the 16-byte load and the 32-byte store in bounds.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        for (o, x) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *o = x.to_f32();
+        }
+        return;
+    }
+    src.convert_to_f32_slice(dst);
 }
 
 /// Per-token value scales ride on the softmax weights `s[G][BLOCK]`.
@@ -267,23 +293,71 @@ fn widen_i8(src: &[i8], dst: &mut [f32]) {
     }
 }
 
-/// Dot product in 16 independent lanes (a plain fold would be one serial
-/// chain the compiler may not reorder).
+/// Dot product. `SIMD` builds (see [`attend`]) use AVX2 FMA in two
+/// accumulators and one shuffle reduction: left to itself the compiler
+/// splits a lane array into scalar pieces. The portable build keeps 16
+/// independent lanes so it is not one serial chain.
 #[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+fn dot<const SIMD: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        use std::arch::x86_64::*;
+        // SAFETY: SIMD is only true inside the AVX2+FMA builds; every load
+        // reads 8 floats at i with i + 8 <= n.
+        unsafe {
+            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 16 <= n {
+                s0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    s0,
+                );
+                s1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                    _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                    s1,
+                );
+                i += 16;
+            }
+            if i + 8 <= n {
+                s0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    s0,
+                );
+                i += 8;
+            }
+            let s = _mm256_add_ps(s0, s1);
+            let x = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+            let x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+            let mut r = _mm_cvtss_f32(x);
+            for k in i..n {
+                r += a[k] * b[k];
+            }
+            return r;
+        }
+    }
     let mut lanes = [0f32; 16];
-    let (ac, ar) = a.as_chunks::<16>();
-    let (bc, br) = b.as_chunks::<16>();
+    let (ac, ar) = a[..n].as_chunks::<16>();
+    let (bc, br) = b[..n].as_chunks::<16>();
     for (x, y) in ac.iter().zip(bc) {
         for i in 0..16 {
-            lanes[i] = madd::<FMA>(x[i], y[i], lanes[i]);
+            lanes[i] += x[i] * y[i];
         }
     }
     let mut tail = 0.0;
     for (x, y) in ar.iter().zip(br) {
         tail += x * y;
     }
-    lanes.iter().sum::<f32>() + tail
+    for w in [8, 4, 2, 1] {
+        for i in 0..w {
+            lanes[i] += lanes[i + w];
+        }
+    }
+    lanes[0] + tail
 }
 
 /// `x ↦ e^x` for `x ≤ 0` (scores minus their running max), branch-free so
