@@ -231,11 +231,15 @@ fn quantize(k: &[f16], v: &[f16], heads: usize, tokens: usize, d: usize, v4: boo
         .enumerate()
         .for_each(|(h, (q, sc))| {
             let src = &k[h * plane..(h + 1) * plane];
-            for (c, s) in sc.iter_mut().enumerate() {
-                let max = (0..tokens)
-                    .map(|t| src[t * d + c].to_f32().abs())
-                    .fold(0.0, f32::max);
-                *s = if max > 0.0 { max / 127.0 } else { 1.0 };
+            // One row-major pass for every channel's max (a pass per channel would stride).
+            sc.fill(0.0);
+            for row in src.chunks_exact(d) {
+                for (m, x) in sc.iter_mut().zip(row) {
+                    *m = m.max(x.to_f32().abs());
+                }
+            }
+            for s in sc.iter_mut() {
+                *s = if *s > 0.0 { *s / 127.0 } else { 1.0 };
             }
             for (t, row) in q.chunks_exact_mut(d).enumerate() {
                 for (c, o) in row.iter_mut().enumerate() {
