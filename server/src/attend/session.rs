@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use kvault_codec::{Container, Dtype};
 use kvault_proto::Layout;
 use rayon::prelude::*;
@@ -221,6 +222,8 @@ impl Session {
 
 /// Keys per channel over the session's tokens (the scale of channel c goes
 /// into q_c at query time), values per token to int8 or (`v4`) 4 bits.
+/// Rows are widened to f32 a slice at a time (`half`'s scalar conversion
+/// is a call per element).
 fn quantize(k: &[f16], v: &[f16], heads: usize, tokens: usize, d: usize, v4: bool) -> Store {
     let plane = tokens * d;
     let mut kq = vec![0i8; k.len()];
@@ -231,24 +234,29 @@ fn quantize(k: &[f16], v: &[f16], heads: usize, tokens: usize, d: usize, v4: boo
         .enumerate()
         .for_each(|(h, (q, sc))| {
             let src = &k[h * plane..(h + 1) * plane];
+            let mut row = vec![0f32; d];
             // One row-major pass for every channel's max (a pass per channel would stride).
             sc.fill(0.0);
-            for row in src.chunks_exact(d) {
-                for (m, x) in sc.iter_mut().zip(row) {
-                    *m = m.max(x.to_f32().abs());
+            for r in src.chunks_exact(d) {
+                r.convert_to_f32_slice(&mut row);
+                for (m, x) in sc.iter_mut().zip(&row) {
+                    *m = m.max(x.abs());
                 }
             }
             for s in sc.iter_mut() {
                 *s = if *s > 0.0 { *s / 127.0 } else { 1.0 };
             }
-            for (t, row) in q.chunks_exact_mut(d).enumerate() {
-                for (c, o) in row.iter_mut().enumerate() {
-                    *o = (src[t * d + c].to_f32() / sc[c]).round().clamp(-127.0, 127.0) as i8;
+            for (out, r) in q.chunks_exact_mut(d).zip(src.chunks_exact(d)) {
+                r.convert_to_f32_slice(&mut row);
+                for ((o, x), s) in out.iter_mut().zip(&row).zip(sc.iter()) {
+                    *o = (x / s).round().clamp(-127.0, 127.0) as i8;
                 }
             }
         });
-    let token_scale = |src: &[f16], levels: f32| {
-        let max = src.iter().map(|x| x.to_f32().abs()).fold(0.0, f32::max);
+    // Values per token: `levels` steps each side of zero.
+    let token_row = |src: &[f16], row: &mut [f32], levels: f32| -> f32 {
+        src.convert_to_f32_slice(row);
+        let max = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         if max > 0.0 { max / levels } else { 1.0 }
     };
     if v4 {
@@ -256,13 +264,16 @@ fn quantize(k: &[f16], v: &[f16], heads: usize, tokens: usize, d: usize, v4: boo
         vq.par_chunks_mut(d / 2)
             .zip(v_scale.par_iter_mut())
             .zip(v.par_chunks(d))
-            .for_each(|((q, s), src)| {
-                *s = token_scale(src, 7.0);
-                let code = |x: f16| ((x.to_f32() / *s).round().clamp(-7.0, 7.0) + 8.0) as u8;
-                for (o, pair) in q.iter_mut().zip(src.chunks_exact(2)) {
-                    *o = code(pair[0]) | code(pair[1]) << 4;
-                }
-            });
+            .for_each_init(
+                || vec![0f32; d],
+                |row, ((q, s), src)| {
+                    *s = token_row(src, row, 7.0);
+                    let code = |x: f32| ((x / *s).round().clamp(-7.0, 7.0) + 8.0) as u8;
+                    for (o, pair) in q.iter_mut().zip(row.chunks_exact(2)) {
+                        *o = code(pair[0]) | code(pair[1]) << 4;
+                    }
+                },
+            );
         return Store::K8V4 {
             k: kq,
             k_scale,
@@ -274,12 +285,15 @@ fn quantize(k: &[f16], v: &[f16], heads: usize, tokens: usize, d: usize, v4: boo
     vq.par_chunks_mut(d)
         .zip(v_scale.par_iter_mut())
         .zip(v.par_chunks(d))
-        .for_each(|((q, s), src)| {
-            *s = token_scale(src, 127.0);
-            for (o, x) in q.iter_mut().zip(src) {
-                *o = (x.to_f32() / *s).round().clamp(-127.0, 127.0) as i8;
-            }
-        });
+        .for_each_init(
+            || vec![0f32; d],
+            |row, ((q, s), src)| {
+                *s = token_row(src, row, 127.0);
+                for (o, x) in q.iter_mut().zip(row.iter()) {
+                    *o = (x / *s).round().clamp(-127.0, 127.0) as i8;
+                }
+            },
+        );
     Store::Int8 {
         k: kq,
         k_scale,
