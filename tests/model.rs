@@ -380,6 +380,19 @@ fn warmup_then_ask_through_a_real_server() {
     let via = ask(&["--sidecar", sock.to_str().expect("utf-8 path")]);
     assert!(via.contains("336 from kvault"), "{via}");
     assert_eq!(answer(&via), answer(&cached));
+    // Attention over the stored prefix computed by the server: the same greedy tokens.
+    let offloaded = ask(&["--offload"]);
+    assert!(
+        offloaded.contains("attention offloaded: 336 prefix tokens"),
+        "{offloaded}"
+    );
+    let ids = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("answer ids:"))
+            .map(str::to_string)
+    };
+    assert!(ids(&cached).is_some(), "{cached}");
+    assert_eq!(ids(&offloaded), ids(&cached));
 }
 
 /// The README's main command, end to end (a short answer to keep it quick).

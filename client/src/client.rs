@@ -385,6 +385,15 @@ impl Client {
 }
 
 impl Client {
+    /// Opens an `Attend` stream with `requests` as the request side (see [`crate::attend::AttendConn`]).
+    pub(crate) async fn attend_raw(
+        &self,
+        requests: impl tonic::codegen::tokio_stream::Stream<Item = pb::AttendRequest> + Send + 'static,
+    ) -> Result<tonic::Streaming<pb::AttendResponse>> {
+        let mut rpc = self.rpc.clone();
+        Ok(rpc.attend(requests).await?.into_inner())
+    }
+
     /// Runs a unary call with retries; `call` gets a fresh handle and a copy of the request.
     async fn unary<Req, Resp, F, Fut>(&self, req: Req, call: F) -> Result<Resp>
     where

@@ -30,6 +30,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attend;
 pub mod client;
 pub mod error;
 #[cfg(feature = "cuda")]

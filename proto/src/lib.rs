@@ -6,6 +6,7 @@
 //! ([`model`]), and the key derivation both sides must agree on ([`keys`]).
 //! It does no I/O. Start with [`model::Layout`] and [`keys::ChunkKey`].
 
+pub mod attend;
 pub mod keys;
 pub mod model;
 

@@ -95,6 +95,14 @@ pub struct Config {
     #[arg(long, default_value_t = 2000)]
     pub compact_interval_ms: u64,
 
+    /// Memory for attention sessions (prefixes decoded for `Attend`); opens past it are refused.
+    #[arg(long, default_value = "2GiB", env = "KVAULT_ATTEND_BYTES")]
+    pub attend_bytes: ByteSize,
+
+    /// Seconds an attention session may sit unused before it is dropped.
+    #[arg(long, default_value_t = 300)]
+    pub attend_idle_secs: u64,
+
     /// File of `<token> <tenant>` lines. When given, every request needs `authorization: Bearer <token>`
     /// and acts for that token's tenant; otherwise the tenant comes from `x-kvault-tenant` (default `default`).
     #[arg(long)]

@@ -9,6 +9,7 @@
 //! [`service`] (the gRPC edge), [`store`] (tiers stacked fast to slow) and
 //! [`tier::ram`] (the RAM tier).
 
+pub mod attend;
 pub mod auth;
 pub mod config;
 pub mod error;

@@ -8,7 +8,8 @@
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::tier::{TierKind, TierStats};
@@ -49,6 +50,22 @@ pub struct Metrics {
     pub nvme_compacted_bytes: IntCounter,
     tier_segments: IntGaugeVec,
     tier_live: IntGaugeVec,
+    /// Attention sessions opened.
+    pub attend_opens: IntCounter,
+    /// Attention sessions dropped after idling.
+    pub attend_expired: IntCounter,
+    /// Attention queries answered.
+    pub attend_queries: IntCounter,
+    /// Bytes of KV the attention workers read.
+    pub attend_kv_bytes: IntCounter,
+    /// Attention opens and queries refused, by kind and code.
+    pub attend_errors: IntCounterVec,
+    /// Open attention sessions.
+    pub attend_sessions: IntGauge,
+    /// Memory held by attention sessions.
+    pub attend_session_bytes: IntGauge,
+    /// Time to answer one attention step.
+    pub attend_step_seconds: Histogram,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -95,7 +112,30 @@ impl Metrics {
             must(registry.register(Box::new(c.clone())));
             c
         };
+        let attend_errors = counter(
+            "attend_errors_total",
+            "Attention opens and queries refused, by kind and code",
+            &["kind", "code"],
+        );
+        let int_gauge = |name: &str, help: &str| {
+            let g = must(IntGauge::new(name, help));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let attend_step_seconds = must(Histogram::with_opts(
+            HistogramOpts::new("attend_step_seconds", "Time to answer one attention step")
+                .buckets(prometheus::exponential_buckets(20e-6, 2.0, 18).expect("static buckets")),
+        ));
+        must(registry.register(Box::new(attend_step_seconds.clone())));
         Metrics {
+            attend_opens: single("attend_opens_total", "Attention sessions opened"),
+            attend_expired: single("attend_expired_total", "Attention sessions dropped after idling"),
+            attend_queries: single("attend_queries_total", "Attention queries answered"),
+            attend_kv_bytes: single("attend_kv_bytes_total", "Bytes of KV read by attention workers"),
+            attend_errors,
+            attend_sessions: int_gauge("attend_sessions", "Open attention sessions"),
+            attend_session_bytes: int_gauge("attend_session_bytes", "Memory held by attention sessions"),
+            attend_step_seconds,
             hits,
             misses,
             evictions,

@@ -12,6 +12,7 @@ use kvault_proto::pb::kv_vault_server::KvVaultServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::attend::Attend;
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::error::ServerError;
@@ -161,8 +162,33 @@ impl Server {
             })
         });
 
+        let attend = Arc::new(Attend::new(
+            self.store.clone(),
+            self.metrics.clone(),
+            self.config.attend_bytes.0,
+            std::time::Duration::from_secs(self.config.attend_idle_secs),
+        ));
+        // Idle sessions are dropped by a sweeper, not only when the next open needs room.
+        let sweep_every = std::time::Duration::from_secs(self.config.attend_idle_secs.clamp(1, 30));
+        let sweeper = {
+            let attend = Arc::downgrade(&attend);
+            let mut rx = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(sweep_every);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => match attend.upgrade() {
+                            Some(a) => a.sweep(),
+                            None => return,
+                        },
+                        _ = rx.wait_for(|s| *s) => return,
+                    }
+                }
+            })
+        };
         let svc = KvService::new(
             self.store.clone(),
+            attend,
             self.auth.clone(),
             self.metrics.clone(),
             self.config.inflight_put_bytes.0,
@@ -193,6 +219,7 @@ impl Server {
             })
             .await
             .map_err(|e| ServerError::Storage(format!("grpc server: {e}")))?;
+        sweeper.abort();
         if let Some(t) = metrics_task {
             let _ = t.await;
         }

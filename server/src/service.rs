@@ -15,6 +15,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::attend::Attend;
 use crate::auth::Auth;
 use crate::error::ServerError;
 use crate::metrics::Metrics;
@@ -24,6 +25,7 @@ use crate::tier::{ChunkId, Tenant};
 /// Shared state of the service.
 pub struct KvService {
     store: Arc<Store>,
+    attend: Arc<Attend>,
     auth: Arc<Auth>,
     metrics: Arc<Metrics>,
     /// Bounds the bytes of puts being received at once (in KiB permits), so
@@ -37,6 +39,7 @@ impl KvService {
     /// A service over `store`; at most `inflight_put_bytes` of bodies are buffered at once.
     pub fn new(
         store: Arc<Store>,
+        attend: Arc<Attend>,
         auth: Arc<Auth>,
         metrics: Arc<Metrics>,
         inflight_put_bytes: u64,
@@ -44,6 +47,7 @@ impl KvService {
         let kib = (inflight_put_bytes / 1024).clamp(1, u32::MAX as u64 / 2) as u32;
         KvService {
             store,
+            attend,
             auth,
             metrics,
             put_budget: Arc::new(Semaphore::new(kib as usize)),
@@ -367,6 +371,8 @@ fn header_msg(h: pb::GetChunkHeader) -> pb::GetResponse {
     }
 }
 
+type AttendStream = Pin<Box<dyn Stream<Item = Result<pb::AttendResponse, Status>> + Send + 'static>>;
+
 type GetStream = Pin<Box<dyn Stream<Item = Result<pb::GetResponse, Status>> + Send + 'static>>;
 
 /// Runs a handler under the request timer, recording its outcome.
@@ -415,5 +421,18 @@ impl KvVault for KvService {
         req: Request<pb::DescribeModelRequest>,
     ) -> Result<Response<pb::DescribeModelResponse>, Status> {
         timed!(self, "describe_model", async { self.do_describe(req) })
+    }
+
+    type AttendStream = AttendStream;
+
+    async fn attend(
+        &self,
+        req: Request<Streaming<pb::AttendRequest>>,
+    ) -> Result<Response<AttendStream>, Status> {
+        timed!(self, "attend", async {
+            let tenant = self.tenant(&req)?;
+            let s: AttendStream = Box::pin(self.attend.serve(tenant, req.into_inner()));
+            Ok::<_, Status>(s)
+        })
     }
 }

@@ -373,6 +373,19 @@ impl KvVault for SidecarKv {
     }
 
     type GetStream = GetStream;
+    type AttendStream = Pin<Box<dyn Stream<Item = Result<pb::AttendResponse, Status>> + Send + 'static>>;
+
+    /// Attention offload runs where the KV lives: a node opens `Attend` sessions on the
+    /// storage servers themselves (`kvault_client::attend::Offload` places a prefix's chunks
+    /// over them); the sidecar's local cache holds containers, not attention-ready layouts.
+    async fn attend(
+        &self,
+        _req: Request<Streaming<pb::AttendRequest>>,
+    ) -> Result<Response<Self::AttendStream>, Status> {
+        Err(Status::unimplemented(
+            "the sidecar does not serve Attend: open attention sessions on the kvault servers directly",
+        ))
+    }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<GetStream>, Status> {
         timed!(self.shared.metrics, "get", self.do_get(req))

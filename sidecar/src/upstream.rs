@@ -405,5 +405,7 @@ fn client_status_code(c: &ClientError) -> tonic::Code {
         ClientError::Unavailable(_) | ClientError::InvalidEndpoint { .. } => tonic::Code::Unavailable,
         ClientError::Server { code, .. } => *code,
         ClientError::Protocol(_) | ClientError::Codec(_) => tonic::Code::DataLoss,
+        // Not produced by the calls the sidecar makes upstream (GPU decode is local).
+        ClientError::Gpu(_) => tonic::Code::Internal,
     }
 }

@@ -45,6 +45,11 @@ pub struct AskArgs {
     /// Recompute the prefix even when kvault holds it.
     #[arg(long)]
     pub no_cache: bool,
+    /// Leave the stored prefix's KV on the server and have the server compute
+    /// attention over it (lossless f16 layout); only the uncached rest, the
+    /// question and the answer are held here.
+    #[arg(long, conflicts_with = "no_cache")]
+    pub offload: bool,
 }
 
 /// Where the time to first token went.
@@ -84,6 +89,8 @@ pub struct AskReport {
     pub text: String,
     /// The time split.
     pub ttft: Ttft,
+    /// With attention offloaded: (attend steps, bytes sent, bytes received).
+    pub offload: Option<(u64, u64, u64)>,
 }
 
 /// The chat turn that follows the document.
@@ -163,8 +170,80 @@ pub async fn fetch_prefix(client: &Client, layout: &Layout, ids: &[u32]) -> anyh
     Ok(out)
 }
 
+/// How `ask` uses kvault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Fetch the stored prefix's KV and attend locally.
+    Fetch,
+    /// Recompute the whole prefix.
+    NoCache,
+    /// Leave the stored prefix on the server; it computes attention over it.
+    Offload,
+}
+
+/// Answers with the stored prefix's attention computed by the server: the
+/// KV never moves; each layer of each step sends queries and gets partials.
+async fn ask_offloaded(
+    model: &LlamaModel,
+    client: &Client,
+    layout: &Layout,
+    ids: &[u32],
+    q: &[u32],
+    max_new: usize,
+) -> anyhow::Result<AskReport> {
+    use kvault_client::attend::model::ServerAttention;
+    use kvault_client::attend::{AttendFormat, Offload, Shard};
+    use std::sync::atomic::Ordering;
+    let ct = layout.chunk_tokens as usize;
+    let mut ttft = Ttft::default();
+    let t = Instant::now();
+    let keys = kvault_client::chain_keys(&layout.namespace_id(), ids, ct);
+    let found = client.lookup(layout, &keys).await?.prefix_chunks;
+    ttft.lookup = t.elapsed();
+    if found == 0 {
+        bail!(
+            "the document's prefix is not stored: run `kvault warmup` on it first, or ask without --offload"
+        );
+    }
+    let tokens = (found * ct).min(ids.len());
+    // Opening makes the server fetch and decode the chunks: the offload's "fetch".
+    let t = Instant::now();
+    let mut off = Offload::connect(std::slice::from_ref(client)).await?;
+    let shards = [Shard {
+        server: 0,
+        chunks: 0..found,
+    }];
+    let prefix = off
+        .open_prefix(layout, &keys[..found], tokens, &shards, AttendFormat::F16)
+        .await?;
+    ttft.fetch = t.elapsed();
+    let remote = ServerAttention::new(off, prefix, model.config().heads);
+    let stats = remote.stats();
+    let mut session = model.offloaded_session(tokens, Box::new(remote))?;
+    if tokens < ids.len() {
+        let t = Instant::now();
+        cpu(|| session.feed(&ids[tokens..]))?;
+        ttft.prefill = t.elapsed();
+    }
+    let g = cpu(|| session.generate(q, max_new))?;
+    ttft.first_token = g.first_token;
+    Ok(AskReport {
+        doc_tokens: ids.len(),
+        cached_tokens: tokens,
+        wire_bytes: 0,
+        text: model.tokenizer().decode(&g.tokens),
+        answer: g.tokens,
+        ttft,
+        offload: Some((
+            stats.steps.load(Ordering::Relaxed),
+            stats.sent.load(Ordering::Relaxed),
+            stats.received.load(Ordering::Relaxed),
+        )),
+    })
+}
+
 /// Answers `prompt` about the document `ids`, from kvault's cache when it
-/// holds the prefix (unless `no_cache`).
+/// holds the prefix (unless `mode` says recompute), fetched or attended on the server.
 pub async fn ask(
     model: &LlamaModel,
     client: &Client,
@@ -172,7 +251,7 @@ pub async fn ask(
     ids: &[u32],
     prompt: &str,
     max_new: usize,
-    no_cache: bool,
+    mode: Mode,
 ) -> anyhow::Result<AskReport> {
     let tok = model.tokenizer();
     let q = tok.encode(&question_turn(prompt));
@@ -184,8 +263,11 @@ pub async fn ask(
             q.len()
         );
     }
+    if mode == Mode::Offload {
+        return ask_offloaded(model, client, layout, ids, &q, max_new).await;
+    }
     let mut ttft = Ttft::default();
-    let fetched = if no_cache {
+    let fetched = if mode == Mode::NoCache {
         None
     } else {
         Some(fetch_prefix(client, layout, ids).await?)
@@ -215,6 +297,7 @@ pub async fn ask(
         text: tok.decode(&g.tokens),
         answer: g.tokens,
         ttft,
+        offload: None,
     })
 }
 
@@ -226,6 +309,13 @@ fn ms(d: Duration) -> f64 {
 pub fn print_report(r: &AskReport) {
     println!("answer: {}", r.text.trim());
     println!("answer tokens: {}", r.answer.len());
+    println!("answer ids: {:?}", r.answer);
+    if let Some((steps, sent, received)) = r.offload {
+        println!(
+            "attention offloaded: {} prefix tokens stay on the server; {steps} attend round trips, {sent} bytes sent, {received} received",
+            r.cached_tokens
+        );
+    }
     let t = &r.ttft;
     println!(
         "prefix: {} tokens, {} from kvault ({} bytes fetched), {} prefilled",
@@ -252,7 +342,12 @@ pub async fn run(a: AskArgs) -> anyhow::Result<()> {
     let model_id = a.model_id.clone().unwrap_or_else(|| default_model_id(&a.model));
     let layout = model.layout(&model_id, a.chunk_tokens);
     let client = a.server.connect().await?;
-    let r = ask(&model, &client, &layout, &ids, &a.prompt, a.max_new, a.no_cache).await?;
+    let mode = match (a.no_cache, a.offload) {
+        (true, _) => Mode::NoCache,
+        (_, true) => Mode::Offload,
+        _ => Mode::Fetch,
+    };
+    let r = ask(&model, &client, &layout, &ids, &a.prompt, a.max_new, mode).await?;
     print_report(&r);
     Ok(())
 }

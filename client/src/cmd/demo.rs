@@ -18,7 +18,7 @@ use kvault_client::model::LlamaModel;
 use kvault_codec::{Dtype, Profile};
 
 use super::ServerArgs;
-use super::ask::{AskReport, ask};
+use super::ask::{AskReport, Mode, ask};
 use super::transfer::{ExportArgs, export_file};
 use super::warmup::{WarmupArgs, default_model_id, print_report, read_documents, warmup};
 
@@ -121,7 +121,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     println!("question : {}", a.prompt);
 
     println!("\n-- 1. ask, nothing cached: the model prefills the whole document");
-    let cold = ask(&model, &client, &layout, &ids, &a.prompt, a.max_new, false).await?;
+    let cold = ask(&model, &client, &layout, &ids, &a.prompt, a.max_new, Mode::Fetch).await?;
     println!("answer   : {}", cold.text.trim());
     if cold.cached_tokens != 0 {
         bail!("a fresh server already held {} tokens", cold.cached_tokens);
@@ -143,7 +143,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     print_report(&w);
 
     println!("\n-- 3. ask again: the document's KV cache comes from kvault");
-    let warm = ask(&model, &client, &layout, &ids, &a.prompt, a.max_new, false).await?;
+    let warm = ask(&model, &client, &layout, &ids, &a.prompt, a.max_new, Mode::Fetch).await?;
     println!("answer   : {}", warm.text.trim());
     if warm.cached_tokens != ids.len() {
         bail!(

@@ -2,6 +2,7 @@
 
 #[cfg(feature = "model")]
 mod ask;
+mod bench_attend;
 #[cfg(feature = "model")]
 mod bench_codec;
 mod bench_get;
@@ -65,6 +66,8 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Attention workers: GB/s of KV read beside memory bandwidth, wire bytes vs KV bytes, loopback step latency.
+    Attend(bench_attend::BenchAttendArgs),
     /// Get throughput from the RAM tier over loopback, beside raw TCP and Redis.
     Get(bench_get::BenchGetArgs),
     /// One chunk through a local sidecar (shared memory, socket) beside a direct upstream Get: p50/p99, ops/s.
@@ -130,6 +133,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sidecar(a) => sidecar::run(a),
         Command::Bench(BenchCommand::Get(a)) => bench_get::run(a).await,
         Command::Bench(BenchCommand::Sidecar(a)) => bench_sidecar::run(a).await,
+        Command::Bench(BenchCommand::Attend(a)) => bench_attend::run(a).await,
         // CPU-bound for minutes: off the async runtime.
         #[cfg(feature = "model")]
         Command::Bench(BenchCommand::Codec(a)) => {

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::ModelError;
 use super::gguf::{LlamaConfig, Weights};
+use crate::attend::{Partial, merge};
 
 /// Tokens per forward step during prefill. Steps start at absolute multiples
 /// of this (so at chunk boundaries of 256-token chunks): the same token
@@ -21,10 +22,24 @@ use super::gguf::{LlamaConfig, Weights};
 pub const STEP_TOKENS: usize = 256;
 
 /// Per-layer keys and values of the tokens seen so far, `[kv_heads, tokens, head_dim]` f32.
+///
+/// With attention offloaded, the first `remote` positions are not held
+/// here: their attention comes from a [`RemoteAttention`], and the tensors
+/// hold positions `remote..len`.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     pub(crate) layers: Vec<(Tensor, Tensor)>,
     pub(crate) len: usize,
+    pub(crate) remote: usize,
+}
+
+/// Attention over positions the runner does not hold (a prefix whose KV
+/// stays on kvault servers), computed elsewhere and merged exactly with
+/// the runner's own partial over the positions it holds.
+pub trait RemoteAttention {
+    /// For `t` query tokens of `layer` (`q` is `[t][heads][head_dim]`,
+    /// after RoPE), the partial over the remote positions, one per token.
+    fn attend(&mut self, layer: usize, q: &[f32], t: usize, scale: f32) -> Result<Vec<Partial>, ModelError>;
 }
 
 impl KvCache {
@@ -34,7 +49,21 @@ impl KvCache {
         Ok(KvCache {
             layers: (0..cfg.layers).map(|_| (z.clone(), z.clone())).collect(),
             len: 0,
+            remote: 0,
         })
+    }
+
+    /// An empty cache after `remote` positions held elsewhere.
+    pub fn after_remote(cfg: &LlamaConfig, remote: usize) -> Result<KvCache, ModelError> {
+        let mut c = KvCache::empty(cfg)?;
+        c.len = remote;
+        c.remote = remote;
+        Ok(c)
+    }
+
+    /// Leading positions whose KV is held elsewhere.
+    pub fn remote(&self) -> usize {
+        self.remote
     }
 
     /// Tokens cached.
@@ -97,7 +126,14 @@ impl Llama {
         tokens: &[u32],
         cache: &mut KvCache,
         logits: Logits,
+        mut remote: Option<&mut (dyn RemoteAttention + '_)>,
     ) -> Result<Option<Tensor>, ModelError> {
+        if cache.remote > 0 && remote.is_none() {
+            return Err(ModelError::BadInput(format!(
+                "the cache's first {} positions are held remotely and no remote attention is set",
+                cache.remote
+            )));
+        }
         let end = cache.len + tokens.len();
         if end > self.cfg.context_length {
             return Err(ModelError::TooLong {
@@ -121,7 +157,7 @@ impl Llama {
                 Logits::Last if next.is_empty() => Logits::Last,
                 _ => Logits::None,
             };
-            if let Some(l) = self.step(step, cache, want)? {
+            if let Some(l) = self.step(step, cache, want, remote.as_deref_mut())? {
                 outs.push(l);
             }
             rest = next;
@@ -139,6 +175,7 @@ impl Llama {
         tokens: &[u32],
         cache: &mut KvCache,
         logits: Logits,
+        mut remote: Option<&mut (dyn RemoteAttention + '_)>,
     ) -> Result<Option<Tensor>, ModelError> {
         let c = &self.cfg;
         let (t, p) = (tokens.len(), cache.len);
@@ -155,7 +192,13 @@ impl Llama {
             .collect();
         let mask = Tensor::from_vec(mask, (t, s), &Device::Cpu)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        for (lw, (ck, cv)) in self.w.layers.iter().zip(cache.layers.iter_mut()) {
+        // Offloaded: the local tensors hold positions remote..s only.
+        let r = cache.remote;
+        let local_mask = match r {
+            0 => None,
+            _ => Some(mask.narrow(1, r, s - r)?),
+        };
+        for (li, (lw, (ck, cv))) in self.w.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let xn = candle_nn::ops::rms_norm(&x, &lw.attn_norm, c.rms_eps)?;
             let heads = |w: &Tensor, n: usize| -> Result<Tensor, ModelError> {
                 Ok(xn.matmul(w)?.reshape((t, n, hd))?.transpose(0, 1)?.contiguous()?)
@@ -168,6 +211,15 @@ impl Llama {
             let v = round_f16(&heads(&lw.wv, kvh)?)?;
             *ck = Tensor::cat(&[&*ck, &k], 1)?;
             *cv = Tensor::cat(&[&*cv, &v], 1)?;
+            if let (Some(lm), Some(ra)) = (&local_mask, remote.as_deref_mut()) {
+                let o = offloaded_attention(li, &q, ck, cv, lm, scale, g, ra)?;
+                x = (x + o.matmul(&lw.wo)?)?;
+                let xn = candle_nn::ops::rms_norm(&x, &lw.ffn_norm, c.rms_eps)?;
+                let gate = candle_nn::ops::silu(&xn.matmul(&lw.w_gate)?)?;
+                let ff = (gate * xn.matmul(&lw.w_up)?)?.matmul(&lw.w_down)?;
+                x = (x + ff)?;
+                continue;
+            }
             // GQA: query heads j*g..(j+1)*g share KV head j, so the g heads'
             // rows stack into one matmul per KV head, with no K/V copies.
             let q = q.reshape((kvh, g * t, hd))?;
@@ -195,6 +247,69 @@ impl Llama {
         let xn = candle_nn::ops::rms_norm(&x, &self.w.norm, c.rms_eps)?;
         Ok(Some(xn.matmul(&self.w.lm_head)?))
     }
+}
+
+/// Attention of `q` (`[heads, t, head_dim]`) with the remote positions'
+/// partial from `remote` merged with the local partial over `ck`, `cv`
+/// (`[kv_heads, local, head_dim]`, causal `mask` `[t, local]`). Returns `[t, heads·head_dim]`.
+#[allow(clippy::too_many_arguments)]
+fn offloaded_attention(
+    layer: usize,
+    q: &Tensor,
+    ck: &Tensor,
+    cv: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    g: usize,
+    remote: &mut (dyn RemoteAttention + '_),
+) -> Result<Tensor, ModelError> {
+    let (h, t, hd) = q.dims3()?;
+    let kvh = h / g;
+    // Local partial: scores, their row max m and l = Σ exp(s − m); lse = m + ln l.
+    let qg = q.reshape((kvh, g * t, hd))?;
+    let scores = (qg.matmul(&ck.t()?)? * scale)?
+        .reshape((kvh, g, t, ()))?
+        .broadcast_add(mask)?
+        .reshape((kvh, g * t, ()))?;
+    let m = scores.max_keepdim(2)?;
+    let e = scores.broadcast_sub(&m)?.exp()?;
+    let l = e.sum_keepdim(2)?;
+    let o = e.matmul(cv)?.broadcast_div(&l)?; // [kvh, g*t, hd]
+    let lse = (m + l.log()?)?; // [kvh, g*t, 1]
+    // Token-major [t][heads][hd] for the merge.
+    let o = o
+        .reshape((h, t, hd))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let lse = lse
+        .reshape((h, t))?
+        .t()?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let qv = q.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let parts = remote.attend(layer, &qv, t, scale as f32)?;
+    if parts.len() != t {
+        return Err(ModelError::Remote(format!(
+            "remote attention answered {} partials for {t} tokens",
+            parts.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(t * h * hd);
+    for (i, rp) in parts.iter().enumerate() {
+        let local = Partial::new(
+            h,
+            hd,
+            o[i * h * hd..(i + 1) * h * hd].to_vec(),
+            lse[i * h..(i + 1) * h].to_vec(),
+        )
+        .map_err(|e| ModelError::Remote(e.to_string()))?;
+        let merged = merge(&[rp, &local]).map_err(|e| ModelError::Remote(e.to_string()))?;
+        out.extend_from_slice(&merged.o);
+    }
+    Ok(Tensor::from_vec(out, (t, h * hd), &Device::Cpu)?)
 }
 
 /// Log-probability of `target` under `logits` (one row), in f64.

@@ -24,7 +24,7 @@ use kvault_codec::{CodecError, Dtype, KvShape, KvTensor};
 use thiserror::Error;
 
 pub use gguf::LlamaConfig;
-pub use llama::{KvCache, STEP_TOKENS};
+pub use llama::{KvCache, RemoteAttention, STEP_TOKENS};
 pub use tokenizer::Tokenizer;
 
 use llama::{Llama, Logits};
@@ -85,6 +85,9 @@ pub enum ModelError {
     /// An injected KV cache does not fit the model.
     #[error("KV cache does not fit the model: {0}")]
     BadKv(String),
+    /// Attention offloaded to kvault servers failed.
+    #[error("remote attention: {0}")]
+    Remote(String),
     /// A tensor operation failed.
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
@@ -197,7 +200,32 @@ impl LlamaModel {
             Some(kv) => self.cache_from_kv(kv)?,
             None => KvCache::empty(self.config())?,
         };
-        Ok(Session { model: self, cache })
+        Ok(Session {
+            model: self,
+            cache,
+            remote: None,
+        })
+    }
+
+    /// A decoding session after `prefix_tokens` positions whose KV stays
+    /// elsewhere: their attention comes from `remote` (e.g. kvault servers
+    /// holding the prefix) and is merged with the session's own tokens.
+    pub fn offloaded_session<'m>(
+        &'m self,
+        prefix_tokens: usize,
+        remote: Box<dyn RemoteAttention + 'm>,
+    ) -> Result<Session<'m>, ModelError> {
+        if prefix_tokens > self.config().context_length {
+            return Err(ModelError::TooLong {
+                tokens: prefix_tokens,
+                context: self.config().context_length,
+            });
+        }
+        Ok(Session {
+            model: self,
+            cache: KvCache::after_remote(self.config(), prefix_tokens)?,
+            remote: Some(remote),
+        })
     }
 
     /// Greedy continuation of `prompt` after `past`: at most `max_new`
@@ -231,7 +259,7 @@ impl LlamaModel {
         while done < continuation.len() {
             let room = STEP_TOKENS - s.cache.len % STEP_TOKENS;
             let step = &continuation[done..(done + room).min(continuation.len())];
-            let out = self.llama.forward(step, &mut s.cache, Logits::All)?;
+            let out = self.llama.forward(step, &mut s.cache, Logits::All, None)?;
             let out = out.ok_or_else(|| ModelError::BadInput("no logits".into()))?;
             for (i, row) in llama::rows(&out)?.iter().enumerate() {
                 if let Some(next) = continuation.get(done + i + 1) {
@@ -287,7 +315,11 @@ impl LlamaModel {
                 layers.push((k, v));
             }
         }
-        Ok(KvCache { layers, len: tokens })
+        Ok(KvCache {
+            layers,
+            len: tokens,
+            remote: 0,
+        })
     }
 
     /// The runner's cache as a canonical f32 KV tensor.
@@ -298,6 +330,12 @@ impl LlamaModel {
     /// Tokens `t0..t1` of the runner's cache as a canonical f32 KV tensor
     /// (one chunk of a prefix, for storing).
     pub fn cache_range_to_kv(&self, cache: &KvCache, t0: usize, t1: usize) -> Result<KvTensor, ModelError> {
+        if cache.remote > 0 {
+            return Err(ModelError::BadInput(format!(
+                "the cache's first {} positions are held remotely; only local tokens can be read out",
+                cache.remote
+            )));
+        }
         if t0 > t1 || t1 > cache.len {
             return Err(ModelError::BadInput(format!(
                 "token range {t0}..{t1} outside the cache of {}",
@@ -331,6 +369,7 @@ impl LlamaModel {
 pub struct Session<'m> {
     model: &'m LlamaModel,
     cache: KvCache,
+    remote: Option<Box<dyn RemoteAttention + 'm>>,
 }
 
 impl Session<'_> {
@@ -347,7 +386,11 @@ impl Session<'_> {
     /// Runs `tokens` and returns the logits after the last one.
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
         self.model.check_tokens(self.cache.len, tokens.len())?;
-        let out = self.model.llama.forward(tokens, &mut self.cache, Logits::Last)?;
+        let remote = self.remote.as_deref_mut().map(|r| r as &mut dyn RemoteAttention);
+        let out = self
+            .model
+            .llama
+            .forward(tokens, &mut self.cache, Logits::Last, remote)?;
         let out = out.ok_or_else(|| ModelError::BadInput("no logits".into()))?;
         llama::rows(&out)?
             .pop()
