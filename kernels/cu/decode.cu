@@ -42,17 +42,29 @@ __device__ __forceinline__ u64 row_addr(const u64* slots, const i32* block_table
     return slots[slot] + row * row_bytes;
 }
 
-__device__ __forceinline__ void store(u64 addr, u32 dtype, float v) {
-    if (dtype == OUT_F32) {
+template <u32 DT>
+__device__ __forceinline__ void store_t(u64 addr, float v) {
+    if (DT == OUT_F32) {
         *(float*)addr = v;
     } else {
         u16 h;
-        if (dtype == OUT_F16) {
+        if (DT == OUT_F16) {
             asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
         } else {
             asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
         }
         *(u16*)addr = h;
+    }
+}
+
+// The same with the dtype known only at run time (q8, cachegen: not the hot kernels).
+__device__ __forceinline__ void store(u64 addr, u32 dtype, float v) {
+    if (dtype == OUT_F32) {
+        store_t<OUT_F32>(addr, v);
+    } else if (dtype == OUT_F16) {
+        store_t<OUT_F16>(addr, v);
+    } else {
+        store_t<OUT_BF16>(addr, v);
     }
 }
 
@@ -99,21 +111,6 @@ __device__ __forceinline__ u32 rans_word(const u8* s, u32 words, u32 i) {
 // their stream's symbols together; a ballot over the eight lanes hands out
 // renormalisation words and escape values in symbol order, exactly as the sequential CPU
 // decoder consumes them.
-template <u32 DT>
-__device__ __forceinline__ void store_t(u64 addr, float v) {
-    if (DT == OUT_F32) {
-        *(float*)addr = v;
-    } else {
-        u16 h;
-        if (DT == OUT_F16) {
-            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-        } else {
-            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-        }
-        *(u16*)addr = h;
-    }
-}
-
 template <u32 DT>
 __device__ __forceinline__ void rans_decode_impl(
     const u8* __restrict__ input, const RansStream* __restrict__ streams,

@@ -200,14 +200,6 @@ mod tests {
     use kvault_codec::{KvShape, Profile};
     use proptest::prelude::*;
 
-    const PROFILES: &[Profile] = &[
-        Profile::KvHi,
-        Profile::KvMid,
-        Profile::KvLo,
-        Profile::Q8,
-        Profile::CachegenBaseline,
-    ];
-
     proptest! {
         #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
@@ -215,7 +207,7 @@ mod tests {
         /// kernels give the CPU decoder's bytes.
         #[test]
         fn emulated_kernels_match_the_cpu_decoder(
-            profile in prop::sample::select(PROFILES),
+            profile in prop::sample::select(crate::GPU_PROFILES),
             layers in 1u32..4,
             heads in 1u32..3,
             head_dim in prop::sample::select(&[2u32, 4, 8, 12][..]),

@@ -34,6 +34,15 @@ pub use cudarc;
 #[cfg(feature = "cuda")]
 pub use decoder::{GpuDecoder, Target};
 
+/// The codec profiles the GPU decodes (the lossless profile is a CPU codec).
+pub const GPU_PROFILES: &[kvault_codec::Profile] = &[
+    kvault_codec::Profile::KvHi,
+    kvault_codec::Profile::KvMid,
+    kvault_codec::Profile::KvLo,
+    kvault_codec::Profile::Q8,
+    kvault_codec::Profile::CachegenBaseline,
+];
+
 /// The CUDA C sources, by name, as NVRTC compiles them.
 pub const SOURCES: &[(&str, &str)] = &[("decode.cu", include_str!("../cu/decode.cu"))];
 

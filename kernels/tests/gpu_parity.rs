@@ -9,15 +9,7 @@
 use kvault_codec::{KvShape, KvTensor, Profile};
 use kvault_kernels::cudarc::driver::CudaSlice;
 use kvault_kernels::synthetic::kv_like;
-use kvault_kernels::{GpuDecoder, KernelError, OutDtype, Target};
-
-const PROFILES: &[Profile] = &[
-    Profile::KvHi,
-    Profile::KvMid,
-    Profile::KvLo,
-    Profile::Q8,
-    Profile::CachegenBaseline,
-];
+use kvault_kernels::{GPU_PROFILES, GpuDecoder, KernelError, OutDtype, Target};
 
 fn decoder() -> Option<GpuDecoder> {
     match GpuDecoder::new(0) {
@@ -144,7 +136,7 @@ fn chunks(t: &KvTensor, chunk: u32, profile: Profile) -> Vec<Vec<u8>> {
 fn gpu_matches_cpu_on_synthetic_kv() {
     let Some(dec) = decoder() else { return };
     eprintln!("device: {} ({})", dec.device_name(), dec.arch());
-    for &profile in PROFILES {
+    for &profile in GPU_PROFILES {
         for (shape, chunk, layers, dtype) in [
             (
                 KvShape {
@@ -222,7 +214,7 @@ fn gpu_matches_cpu_on_real_kv() {
         head_dim: s[4] as u32,
     };
     let t = KvTensor::new(shape, kvault_codec::Dtype::F16, kv.data().to_vec()).unwrap();
-    for &profile in PROFILES {
+    for &profile in GPU_PROFILES {
         let blobs = chunks(&t, 256, profile);
         check(
             &dec,

@@ -279,6 +279,40 @@ fn ac_decode(stream: &[u8], cdf: &[u16], out: &mut [u8]) -> Result<(), CodecErro
     Ok(())
 }
 
+/// Reads one part's header: its bins check, per-token scales (as f32, appended to
+/// `scales`) and per-channel CDFs (checked, appended to `cdfs`). Returns `MAX` (= bins/2 - 1).
+/// Shared by the decoder and the decode planner.
+fn read_part_header(
+    r: &mut PayloadReader<'_>,
+    bins: u8,
+    dtype: Dtype,
+    t: usize,
+    c: usize,
+    scales: &mut Vec<f32>,
+    cdfs: &mut Vec<u16>,
+) -> Result<u8, CodecError> {
+    if !matches!(bins, 4..=32) {
+        return Err(CodecError::Corrupt(format!("cachegen-baseline bins {bins}")));
+    }
+    let mut part_scales = Vec::with_capacity(t);
+    load_f32(r.take(t * dtype.size())?, dtype, &mut part_scales);
+    scales.extend(part_scales);
+    let at = cdfs.len();
+    cdfs.extend(
+        r.take(c * LP * 2)?
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]])),
+    );
+    for cdf in cdfs[at..].chunks_exact(LP) {
+        if cdf[0] != 0 || cdf.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(CodecError::Corrupt(
+                "cachegen-baseline CDF not strictly increasing from 0".into(),
+            ));
+        }
+    }
+    Ok(bins / 2 - 1)
+}
+
 pub(super) fn decode_layer(
     payload: &[u8],
     dtype: Dtype,
@@ -302,25 +336,16 @@ pub(super) fn decode_layer(
     let row_bytes = c * out_dtype.size();
     let result = (|| {
         for (out_part, bins) in out.chunks_exact_mut(n * out_dtype.size()).zip([bins_k, bins_v]) {
-            if !matches!(bins, 4..=32) {
-                return Err(CodecError::Corrupt(format!("cachegen-baseline bins {bins}")));
-            }
-            let max = f32::from(bins / 2 - 1);
-            let scale_bytes = r.take(t * dtype.size())?;
-            let mut scales = Vec::new();
-            load_f32(scale_bytes, dtype, &mut scales);
-            let cdf_bytes = r.take(c * LP * 2)?;
-            let cdfs: Vec<u16> = cdf_bytes
-                .chunks_exact(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                .collect();
-            for cdf in cdfs.chunks_exact(LP) {
-                if cdf[0] != 0 || cdf.windows(2).any(|w| w[0] >= w[1]) {
-                    return Err(CodecError::Corrupt(
-                        "cachegen-baseline CDF not strictly increasing from 0".into(),
-                    ));
-                }
-            }
+            let (mut scales, mut cdfs) = (Vec::with_capacity(t), Vec::with_capacity(c * LP));
+            let max = f32::from(read_part_header(
+                &mut r,
+                bins,
+                dtype,
+                t,
+                c,
+                &mut scales,
+                &mut cdfs,
+            )?);
             let subs = t.div_ceil(SUB_CHUNK_TOKENS);
             let len_bytes = r.take(subs * c * 4)?;
             let mut lengths = len_bytes
@@ -374,34 +399,16 @@ pub(crate) fn plan_layer(
         )));
     }
     for (kind, bins) in [bins_k, bins_v].into_iter().enumerate() {
-        if !matches!(bins, 4..=32) {
-            return Err(CodecError::Corrupt(format!("cachegen-baseline bins {bins}")));
-        }
         let scale_start = index(plan.scales.len())?;
-        let mut scales = Vec::with_capacity(t);
-        load_f32(r.take(t * dtype.size())?, dtype, &mut scales);
-        plan.scales.extend(scales);
         let cdf_start = index(plan.cdfs.len())?;
-        let cdfs: Vec<u16> = r
-            .take(c * LP * 2)?
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .collect();
-        for cdf in cdfs.chunks_exact(LP) {
-            if cdf[0] != 0 || cdf.windows(2).any(|w| w[0] >= w[1]) {
-                return Err(CodecError::Corrupt(
-                    "cachegen-baseline CDF not strictly increasing from 0".into(),
-                ));
-            }
-        }
-        plan.cdfs.extend(cdfs);
+        let max = read_part_header(&mut r, bins, dtype, t, c, &mut plan.scales, &mut plan.cdfs)?;
         let part = index(plan.parts.len())?;
         plan.parts.push(CachegenPart {
             out_slot: place.out_slot + kind as u32,
             token_offset: place.token_offset,
             scale_start,
             cdf_start,
-            max: u32::from(bins / 2 - 1),
+            max: u32::from(max),
             reserved: [0; 3],
         });
         let subs = t.div_ceil(SUB_CHUNK_TOKENS);

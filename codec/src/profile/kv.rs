@@ -373,6 +373,54 @@ fn encode_part(
     Ok(())
 }
 
+/// Reads a part's header: kind, one step per group, the zero points, the alphabet `M`
+/// and the frequency table. Appends each group's step and `zero - M` (so that a symbol `s`
+/// decodes to `(s + bias) * step`) to `steps` and `biases`; returns `(per_token, M,
+/// table)`. Shared by the decoder and the decode planner, so both accept exactly the same
+/// payloads.
+fn read_part_header(
+    r: &mut PayloadReader<'_>,
+    t: usize,
+    c: usize,
+    steps: &mut Vec<f32>,
+    biases: &mut Vec<i32>,
+) -> Result<(bool, usize, FreqTable), CodecError> {
+    let per_token = match r.u8()? {
+        0 => false,
+        1 => true,
+        k => return Err(CodecError::Corrupt(format!("kv part kind {k}"))),
+    };
+    let groups = if per_token { t } else { c };
+    steps.extend(r.take(groups)?.iter().map(|&e| step(e)));
+    let zeros_at = biases.len();
+    for _ in 0..groups {
+        biases.push(r.svarint()?);
+    }
+    let m = usize::from(r.u8()?);
+    if m > MAX_M {
+        return Err(CodecError::Corrupt(format!("kv alphabet M = {m} above {MAX_M}")));
+    }
+    let n_syms = usize::from(r.u8()?);
+    if n_syms != 2 * m + 2 {
+        return Err(CodecError::Corrupt(format!(
+            "kv table has {n_syms} symbols, expected {}",
+            2 * m + 2
+        )));
+    }
+    let freqs = r
+        .take(2 * n_syms)?
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    let table = FreqTable::from_freqs(freqs)?;
+    for z in &mut biases[zeros_at..] {
+        *z = z
+            .checked_sub(m as i32)
+            .ok_or_else(|| CodecError::Corrupt("kv zero point out of range".into()))?;
+    }
+    Ok((per_token, m, table))
+}
+
 pub(super) fn decode_layer(
     payload: &[u8],
     params: &[u8],
@@ -406,44 +454,12 @@ fn decode_part(
     dtable: &mut DecodeTable,
     scratch: &mut Scratch,
 ) -> Result<(), CodecError> {
-    let per_token = match r.u8()? {
-        0 => false,
-        1 => true,
-        k => return Err(CodecError::Corrupt(format!("kv part kind {k}"))),
-    };
-    let groups = if per_token { t } else { c };
-    let steps = &mut scratch.f32b;
+    let (steps, zeros) = (&mut scratch.f32b, &mut scratch.ints);
     steps.clear();
-    steps.extend(r.take(groups)?.iter().map(|&e| step(e)));
-    let zeros = &mut scratch.ints;
     zeros.clear();
-    for _ in 0..groups {
-        zeros.push(r.svarint()?);
-    }
-    let m = usize::from(r.u8()?);
-    if m > MAX_M {
-        return Err(CodecError::Corrupt(format!("kv alphabet M = {m} above {MAX_M}")));
-    }
-    let n_syms = usize::from(r.u8()?);
-    if n_syms != 2 * m + 2 {
-        return Err(CodecError::Corrupt(format!(
-            "kv table has {n_syms} symbols, expected {}",
-            2 * m + 2
-        )));
-    }
-    let freqs = r
-        .take(2 * n_syms)?
-        .chunks_exact(2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .collect();
-    dtable.rebuild(&FreqTable::from_freqs(freqs)?);
+    let (per_token, m, table) = read_part_header(r, t, c, steps, zeros)?;
+    dtable.rebuild(&table);
     let esc_sym = (2 * m + 1) as u8;
-    // Per-group `zero - M`, so that a symbol s decodes to `(s + bias) * step`.
-    for z in zeros.iter_mut() {
-        *z = z
-            .checked_sub(m as i32)
-            .ok_or_else(|| CodecError::Corrupt("kv zero point out of range".into()))?;
-    }
     let (syms, fbuf, halfs) = (&mut scratch.syms, &mut scratch.f32s, &mut scratch.halfs);
     let size = out_dtype.size();
     for (bi, out_blk) in out.chunks_mut(block * c * size).enumerate() {
@@ -505,45 +521,10 @@ pub(crate) fn plan_layer(
     let (t, c) = (place.tokens, place.channels);
     let mut r = PayloadReader::new(payload, "kv");
     for kind in 0..2u32 {
-        let per_token = match r.u8()? {
-            0 => false,
-            1 => true,
-            k => return Err(CodecError::Corrupt(format!("kv part kind {k}"))),
-        };
-        let groups = if per_token { t } else { c };
         let group_start = index(plan.steps.len())?;
-        plan.steps.extend(r.take(groups)?.iter().map(|&e| step(e)));
-        let zeros_at = plan.biases.len();
-        for _ in 0..groups {
-            plan.biases.push(r.svarint()?);
-        }
-        let m = usize::from(r.u8()?);
-        if m > MAX_M {
-            return Err(CodecError::Corrupt(format!("kv alphabet M = {m} above {MAX_M}")));
-        }
-        let n_syms = usize::from(r.u8()?);
-        if n_syms != 2 * m + 2 {
-            return Err(CodecError::Corrupt(format!(
-                "kv table has {n_syms} symbols, expected {}",
-                2 * m + 2
-            )));
-        }
-        let freqs: Vec<u16> = r
-            .take(2 * n_syms)?
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .collect();
-        // Validates the sum; the plan keeps the raw frequencies, zero-padded.
-        FreqTable::from_freqs(freqs.clone())?;
-        plan.freqs.extend(&freqs);
+        let (per_token, m, table) = read_part_header(&mut r, t, c, &mut plan.steps, &mut plan.biases)?;
         plan.freqs
-            .extend(std::iter::repeat_n(0, rans::MAX_SYMBOLS - n_syms));
-        // The zero points become `zero - M`.
-        for z in &mut plan.biases[zeros_at..] {
-            *z = z
-                .checked_sub(m as i32)
-                .ok_or_else(|| CodecError::Corrupt("kv zero point out of range".into()))?;
-        }
+            .extend((0..rans::MAX_SYMBOLS).map(|s| table.freq(s) as u16));
         let part = index(plan.parts.len())?;
         plan.parts.push(RansPart {
             out_slot: place.out_slot + kind,

@@ -12,19 +12,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use kvault_codec::plan::DecodePlan;
-use kvault_codec::{Dtype, KvShape, KvTensor, Profile};
+use kvault_codec::{Dtype, KvShape, KvTensor};
 use kvault_kernels::cudarc::driver::{CudaSlice, sys};
 use kvault_kernels::synthetic::kv_like;
-use kvault_kernels::{GpuDecoder, OutDtype, Target};
+use kvault_kernels::{GPU_PROFILES, GpuDecoder, OutDtype, Target};
 use rayon::prelude::*;
 
-const PROFILES: &[Profile] = &[
-    Profile::KvHi,
-    Profile::KvMid,
-    Profile::KvLo,
-    Profile::Q8,
-    Profile::CachegenBaseline,
-];
 const CHUNK: u32 = 256;
 
 struct Args {
@@ -152,7 +145,7 @@ fn main() -> Result<()> {
             Ok(())
         })?;
         drop(src);
-        for &profile in PROFILES {
+        for &profile in GPU_PROFILES {
             let blobs: Vec<Vec<u8>> = chunks
                 .par_iter()
                 .map(|c| kvault_codec::encode(c.view(), profile))
