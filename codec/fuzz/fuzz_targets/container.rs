@@ -1,9 +1,11 @@
 //! Feeds arbitrary bytes to every parser of untrusted containers: `Container::parse`,
-//! `decode`, `decode_into` and `slice_layers` must return errors (every profile's decoder runs, since the profile id comes from the input), never panic, hang or
+//! `decode`, `decode_into`, `slice_layers` and the GPU decode planner (`DecodePlan`) must
+//! return errors (every profile's decoder runs, since the profile id comes from the input), never panic, hang or
 //! allocate without bound. Run with `cargo fuzz run container` from `codec/`.
 
 #![no_main]
 
+use kvault_codec::plan::DecodePlan;
 use kvault_codec::{Container, Dtype, decode, decode_into, slice_layers};
 use libfuzzer_sys::fuzz_target;
 
@@ -16,8 +18,31 @@ fuzz_target!(|data: &[u8]| {
         // Still run the other entry points on invalid input: they must fail the same way.
         assert!(decode(data).is_err());
         assert!(slice_layers(data, 0..1).is_err());
+        assert!(DecodePlan::of_container(data, None).is_err());
         return;
     };
+    // Every record the planner emits stays inside the input and its own arrays: the GPU
+    // kernels follow them without further bounds checks.
+    if let Ok(plan) = DecodePlan::of_container(data, None) {
+        let len = data.len() as u64;
+        for s in &plan.rans.streams {
+            assert!(s.data_offset + u64::from(s.data_len) <= len);
+            assert!((s.part as usize) < plan.rans.parts.len());
+            assert!((s.escape_start + s.escape_count) as usize <= plan.rans.escapes.len());
+        }
+        for p in &plan.rans.parts {
+            assert!((p.first_stream + p.stream_count) as usize <= plan.rans.streams.len());
+            assert!((p.group_start as usize) < plan.rans.steps.len().max(1));
+        }
+        for p in &plan.q8.parts {
+            let n = u64::from(p.tokens) * u64::from(plan.channels);
+            assert!(p.data_offset + n <= len);
+        }
+        for s in &plan.cachegen.streams {
+            assert!(s.data_offset + u64::from(s.data_len) <= len);
+            assert!((s.part as usize) < plan.cachegen.parts.len());
+        }
+    }
     let header = c.header().clone();
     let range = header.layer_range();
     for i in 0..header.layer_count {
