@@ -10,10 +10,10 @@
 //!   the RMS over channels of their deviations. What attention feels of a key error is
 //!   `q · δk`, and queries are large in the same channels as keys (the low-frequency RoPE
 //!   pairs), so per-channel steps proportional to each channel's σ put the largest errors
-//!   exactly where they cost most; one shared step measured better on SmolLM2 (kv-mid at
-//!   2.28 bits per element: +1.9% perplexity with the shared step against +5% with
-//!   per-channel steps at about the same size, `kvault codec-eval` on the bundled texts
-//!   with 768 scored tokens). Per-channel zero points still remove the channels' offsets.
+//!   exactly where they cost most; one shared step measured better on SmolLM2 (at 2.27-2.29
+//!   bits per element: +2.9% mean perplexity change with the shared step against +8.1% with
+//!   per-channel steps, `kvault codec-eval` on the four bundled texts, 256 scored tokens
+//!   each). Per-channel zero points still remove the channels' offsets.
 //! - **Bit widths by layer group**: the step factor `f` is halved (about one bit more)
 //!   for the first ⌈L/6⌉ key layers and the first ⌈L/15⌉ value layers, where CacheGen and
 //!   KVQuant found loss hurts most. The steps chosen are written into each layer's payload,
