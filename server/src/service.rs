@@ -20,7 +20,7 @@ use crate::auth::Auth;
 use crate::error::ServerError;
 use crate::metrics::Metrics;
 use crate::store::{Store, verify_chunk};
-use crate::tier::{ChunkId, Tenant};
+use crate::tier::{ChunkId, Tenant, TierKind};
 
 /// Shared state of the service.
 pub struct KvService {
@@ -202,63 +202,17 @@ impl KvService {
                     }
                 };
                 let Some((tier, chunk)) = found else {
-                    let header = pb::GetChunkHeader {
-                        index: index as u32,
-                        found: false,
-                        ..Default::default()
-                    };
-                    if tx.send(Ok(header_msg(header))).await.is_err() {
+                    if !send_missing(&tx, index).await {
                         return;
                     }
                     continue;
                 };
-                let body = match span {
-                    Some(s) if !whole => {
-                        let blob = chunk.blob.clone();
-                        match tokio::task::spawn_blocking(move || {
-                            kvault_codec::slice_layers(&blob, s.range())
-                        })
-                        .await
-                        {
-                            Ok(Ok(v)) => Bytes::from(v),
-                            Ok(Err(e)) => {
-                                let _ = tx
-                                    .send(Err(Status::data_loss(format!("stored chunk {key}: {e}"))))
-                                    .await;
-                                return;
-                            }
-                            Err(e) => {
-                                let _ = tx
-                                    .send(Err(Status::internal(format!("slice task failed: {e}"))))
-                                    .await;
-                                return;
-                            }
-                        }
-                    }
-                    _ => chunk.blob,
-                };
-                let header = pb::GetChunkHeader {
-                    index: index as u32,
-                    found: true,
-                    tier: tier.to_proto() as i32,
-                    total_len: body.len() as u64,
-                };
-                if tx.send(Ok(header_msg(header))).await.is_err() {
+                let span = span.filter(|_| !whole);
+                let Some(sent) = send_chunk(&tx, index, tier, chunk.blob, span, &key.to_string()).await
+                else {
                     return;
-                }
-                // Hot path: pieces are slices of the stored buffer, no copy here.
-                let mut off = 0;
-                while off < body.len() {
-                    let end = (off + PIECE_BYTES).min(body.len());
-                    let piece = pb::GetResponse {
-                        msg: Some(get_response::Msg::Piece(body.slice(off..end))),
-                    };
-                    if tx.send(Ok(piece)).await.is_err() {
-                        return;
-                    }
-                    off = end;
-                }
-                metrics.get_bytes.inc_by(body.len() as u64);
+                };
+                metrics.get_bytes.inc_by(sent);
             }
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
@@ -369,6 +323,73 @@ fn header_msg(h: pb::GetChunkHeader) -> pb::GetResponse {
     pb::GetResponse {
         msg: Some(get_response::Msg::Header(h)),
     }
+}
+
+/// A Get stream's sender.
+pub type GetSender = mpsc::Sender<Result<pb::GetResponse, Status>>;
+
+/// Sends the "not found" header of chunk `index` on a Get stream; false once the receiver
+/// is gone.
+pub async fn send_missing(tx: &GetSender, index: usize) -> bool {
+    let header = pb::GetChunkHeader {
+        index: index as u32,
+        found: false,
+        ..Default::default()
+    };
+    tx.send(Ok(header_msg(header))).await.is_ok()
+}
+
+/// Sends found chunk `index` on a Get stream (the server's and the sidecar's): re-packed to
+/// `span` first when given (off the runtime threads), then its header and its body in
+/// `PIECE_BYTES` pieces that are slices of `blob` (no copy). Returns the body bytes sent, or
+/// `None` once the stream is over (receiver gone, or a failure sent as the last message;
+/// `what` names the chunk in it).
+pub async fn send_chunk(
+    tx: &GetSender,
+    index: usize,
+    tier: TierKind,
+    blob: Bytes,
+    span: Option<LayerSpan>,
+    what: &str,
+) -> Option<u64> {
+    let body = match span {
+        Some(s) => {
+            match tokio::task::spawn_blocking(move || kvault_codec::slice_layers(&blob, s.range())).await {
+                Ok(Ok(v)) => Bytes::from(v),
+                Ok(Err(e)) => {
+                    let _ = tx
+                        .send(Err(Status::data_loss(format!("stored chunk {what}: {e}"))))
+                        .await;
+                    return None;
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(Status::internal(format!("slice task failed: {e}"))))
+                        .await;
+                    return None;
+                }
+            }
+        }
+        None => blob,
+    };
+    let header = pb::GetChunkHeader {
+        index: index as u32,
+        found: true,
+        tier: tier.to_proto() as i32,
+        total_len: body.len() as u64,
+    };
+    tx.send(Ok(header_msg(header))).await.ok()?;
+    // Hot path: pieces are slices of the stored buffer, no copy here.
+    let mut off = 0;
+    while off < body.len() {
+        let end = (off + PIECE_BYTES).min(body.len());
+        let piece = pb::GetResponse {
+            msg: Some(get_response::Msg::Piece(body.slice(off..end))),
+        };
+        tx.send(Ok(piece)).await.ok()?;
+        off = end;
+    }
+    Some(body.len() as u64)
 }
 
 type AttendStream = Pin<Box<dyn Stream<Item = Result<pb::AttendResponse, Status>> + Send + 'static>>;

@@ -10,14 +10,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures::Stream;
 use kvault_proto::model::keys_from_wire;
 use kvault_proto::pb::kv_vault_server::KvVault;
-use kvault_proto::pb::{self, get_response, put_request};
-use kvault_proto::{ChunkKey, LayerSpan, Layout, PIECE_BYTES};
+use kvault_proto::pb::{self, put_request};
+use kvault_proto::{ChunkKey, LayerSpan, Layout};
 use kvault_server::auth::Auth;
 use kvault_server::error::ServerError;
+use kvault_server::service::{send_chunk, send_missing};
 use kvault_server::store::verify_chunk;
 use kvault_server::tier::{Tenant, TierKind};
 use tokio::sync::{Semaphore, mpsc};
@@ -215,61 +216,18 @@ impl SidecarKv {
         tokio::spawn(async move {
             for (index, g) in got.into_iter().enumerate() {
                 let Some(g) = g else {
-                    let h = pb::GetChunkHeader {
-                        index: index as u32,
-                        found: false,
-                        ..Default::default()
-                    };
-                    if tx.send(Ok(header_msg(h))).await.is_err() {
+                    if !send_missing(&tx, index).await {
                         return;
                     }
                     continue;
                 };
-                let body = match span {
-                    Some(sp) if !whole => {
-                        let blob = g.blob.clone();
-                        match tokio::task::spawn_blocking(move || {
-                            kvault_codec::slice_layers(&blob, sp.range())
-                        })
-                        .await
-                        {
-                            Ok(Ok(v)) => Bytes::from(v),
-                            Ok(Err(e)) => {
-                                let _ = tx
-                                    .send(Err(Status::data_loss(format!("chunk {index}: {e}"))))
-                                    .await;
-                                return;
-                            }
-                            Err(e) => {
-                                let _ = tx
-                                    .send(Err(Status::internal(format!("slice task failed: {e}"))))
-                                    .await;
-                                return;
-                            }
-                        }
-                    }
-                    _ => g.blob,
-                };
-                let h = pb::GetChunkHeader {
-                    index: index as u32,
-                    found: true,
-                    tier: TierKind::Ram.to_proto() as i32,
-                    total_len: body.len() as u64,
-                };
-                if tx.send(Ok(header_msg(h))).await.is_err() {
+                let span = span.filter(|_| !whole);
+                let what = format!("{index}");
+                if send_chunk(&tx, index, TierKind::Ram, g.blob, span, &what)
+                    .await
+                    .is_none()
+                {
                     return;
-                }
-                // Hot path: pieces are slices of the cached buffer.
-                let mut off = 0;
-                while off < body.len() {
-                    let end = (off + PIECE_BYTES).min(body.len());
-                    let piece = pb::GetResponse {
-                        msg: Some(get_response::Msg::Piece(body.slice(off..end))),
-                    };
-                    if tx.send(Ok(piece)).await.is_err() {
-                        return;
-                    }
-                    off = end;
                 }
             }
         });
@@ -333,12 +291,6 @@ impl SidecarKv {
         Ok(pb::DescribeModelResponse {
             namespace: Some(l.to_proto()),
         })
-    }
-}
-
-fn header_msg(h: pb::GetChunkHeader) -> pb::GetResponse {
-    pb::GetResponse {
-        msg: Some(get_response::Msg::Header(h)),
     }
 }
 
