@@ -125,23 +125,7 @@ impl LocalServer {
 
     /// Sends SIGTERM and waits for a graceful exit; returns whether it exited cleanly.
     pub fn stop(mut self) -> Result<bool, LocalServerError> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(true);
-        };
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        for _ in 0..200 {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status.success());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child.kill()?;
-        child.wait()?;
-        Ok(false)
+        terminate(self.child.take())
     }
 
     /// Kills the process at once (SIGKILL), as a crash would.
@@ -270,23 +254,7 @@ impl LocalSidecar {
 
     /// Sends SIGTERM and waits for a graceful exit; returns whether it exited cleanly.
     pub fn stop(mut self) -> Result<bool, LocalServerError> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(true);
-        };
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        for _ in 0..200 {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status.success());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child.kill()?;
-        child.wait()?;
-        Ok(false)
+        terminate(self.child.take())
     }
 }
 
@@ -297,4 +265,26 @@ impl Drop for LocalSidecar {
             let _ = c.wait();
         }
     }
+}
+
+/// Sends SIGTERM to a child we started and waits (up to 10 s) for a graceful exit, then
+/// kills it; returns whether it exited cleanly (true when there was no child).
+fn terminate(child: Option<std::process::Child>) -> Result<bool, LocalServerError> {
+    let Some(mut child) = child else {
+        return Ok(true);
+    };
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    for _ in 0..200 {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status.success());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill()?;
+    child.wait()?;
+    Ok(false)
 }
