@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kvault_client::local_server::LocalServer;
 use kvault_client::prefix::slice_tokens;
-use kvault_client::{Client, Layout, Placement, chain_keys};
+use kvault_client::{ChunkStore, Client, Layout, Placement, chain_keys};
 use kvault_codec::{Dtype, KvTensor, Profile};
 use kvault_proto::pb;
 use kvault_proto::pb::sidecar_client::SidecarClient;
