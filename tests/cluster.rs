@@ -321,6 +321,18 @@ async fn a_killed_server_becomes_misses_and_a_restarted_one_converges_with_nothi
     // written while it was gone that it now owns are read from their previous
     // owner and copied forward to it.
     nodes[1].restart_at(victim_addr);
+    // Same data directory, same id: a rejoin, so its weight starts low and ramps.
+    wait_nodes(&c, 3).await;
+    let share = |r: &kvault_client::cluster::Routes| {
+        r.shares()
+            .into_iter()
+            .find(|(id, _)| *id == victim_url)
+            .map_or(0.0, |(_, s)| s)
+    };
+    assert!(
+        share(&c.routes()) < 0.25,
+        "a rejoining node starts with a fraction of its share"
+    );
     assert!(
         c.wait_routes(Duration::from_secs(20), |r| r.members().len() == 3
             && r.shares().iter().all(|(_, s)| (s - 1.0 / 3.0).abs() < 1e-9))
@@ -604,6 +616,83 @@ async fn a_sidecar_follows_the_cluster_in_etcd() {
         text.contains("kvault_sidecar_upstream_membership_stale 0"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attention_over_a_prefix_spread_on_three_nodes_equals_one_server() {
+    use kvault_client::attend::{AttendFormat, Offload, Request, Shard};
+    let e = etcd();
+    let _nodes: Vec<Node> = (0..3).map(|_| Node::start(&e.proc.url(), &[])).collect();
+    let c = cluster_on(&e.proc.url(), Duration::from_secs(60)).await;
+    wait_nodes(&c, 3).await;
+    let single = kvault_tests::TestServer::start(&[]);
+    let one = single.client().await;
+    let layout = small_layout("cluster-attend");
+    let tokens = 3000;
+    let kv = random_kv(&layout, tokens, 11);
+    let prompt = ids(tokens, 11);
+    c.put_prefix(&layout, &kv.view(), &prompt, Profile::Lossless, 4)
+        .await
+        .expect("put");
+    one.put_prefix(&layout, &kv.view(), &prompt, Profile::Lossless, 4)
+        .await
+        .expect("put");
+    let keys = chain_keys(&layout.namespace_id(), &prompt, 256);
+    let (servers, shards) = c.attend_shards(&layout, &keys).expect("shards");
+    assert!(servers.len() >= 2, "12 chunks over 3 nodes land on more than one");
+    assert_eq!(shards.iter().map(|s| s.chunks.len()).sum::<usize>(), keys.len());
+    let mut spread = Offload::connect(&servers).await.expect("connect");
+    let p = spread
+        .open_prefix(&layout, &keys, tokens as usize, &shards, AttendFormat::F16)
+        .await
+        .expect("open across nodes");
+    let mut whole = Offload::connect(std::slice::from_ref(&one))
+        .await
+        .expect("connect");
+    let w = whole
+        .open_prefix(
+            &layout,
+            &keys,
+            tokens as usize,
+            &[Shard {
+                server: 0,
+                chunks: 0..keys.len(),
+            }],
+            AttendFormat::F16,
+        )
+        .await
+        .expect("open on one server");
+    let q: Vec<f32> = (0..2 * 64)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    for layer in 0..2 {
+        for range in [0..tokens as usize, 100..2900, 0..0] {
+            let r = |prefix| Request {
+                prefix,
+                layer,
+                q: &q,
+                q_heads: 2,
+                scale: 0.125,
+                range: range.clone(),
+                local: None,
+            };
+            let a = spread
+                .attend(&[r(p)])
+                .await
+                .expect("attend across nodes")
+                .remove(0);
+            let b = whole.attend(&[r(w)]).await.expect("attend on one").remove(0);
+            for (x, y) in a.o.iter().zip(&b.o) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+            for (x, y) in a.lse.iter().zip(&b.lse) {
+                assert!(
+                    x == y || (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                    "lse {x} vs {y}"
+                );
+            }
+        }
+    }
 }
 
 /// GET /metrics over plain HTTP/1.0.

@@ -121,8 +121,10 @@ pub struct Config {
     /// Seconds the etcd lease lives without a refresh: how long a crashed server stays listed.
     #[arg(long, default_value_t = 10)]
     pub etcd_ttl_secs: u64,
-    /// Seconds over which this server's placement weight ramps up after it joins, so that a
-    /// (re)joining server takes its share of keys gradually (0: at once).
+    /// Seconds over which this server's placement weight ramps up when it rejoins (its data
+    /// directory was a member under the same id before: a restart, a flapping node), so that it
+    /// takes its share of keys, and the misses and copies they bring, gradually (0: at once).
+    /// A new node takes its full share at once.
     #[arg(long, default_value_t = 30)]
     pub join_ramp_secs: u64,
     /// Placement weight to register (default: the RAM + NVMe byte budgets).

@@ -159,6 +159,14 @@ impl Server {
         };
         let c = &self.config;
         let weight = c.weight.unwrap_or((c.ram_bytes.0 + c.nvme_bytes.0) as f64);
+        // A data directory that was a member under this id before is a
+        // rejoin (a restart after a crash, a flapping node): its weight ramps
+        // up. A new node takes its full share of new writes at once.
+        let marker = c.data_dir.join("cluster-member");
+        let rejoin = std::fs::read_to_string(&marker).is_ok_and(|id| id.trim() == addr);
+        if !rejoin {
+            std::fs::write(&marker, format!("{addr}\n")).map_err(|e| startup("writing cluster-member", e))?;
+        }
         let record = NodeRecord {
             id: addr.clone(),
             addr,
@@ -166,8 +174,13 @@ impl Server {
             registered_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
-            ramp_ms: c.join_ramp_secs.saturating_mul(1000),
+            ramp_ms: if rejoin {
+                c.join_ramp_secs.saturating_mul(1000)
+            } else {
+                0
+            },
         };
+        tracing::info!(id = %record.id, weight, rejoin, ramp_ms = record.ramp_ms, "joining the cluster");
         let r = Registration::start(RegisterConfig {
             etcd: etcd.clone(),
             prefix: c.etcd_prefix.clone(),

@@ -98,7 +98,10 @@ pub(crate) async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<CopyJob>, rat
                         )
                         .await
                 }
-                Err(e) => Err(super::NodeError::Refused(e)),
+                Err(e) => Err(super::NodeError::Unreachable {
+                    node: id.clone(),
+                    message: e.to_string(),
+                }),
             };
             match outcome {
                 Ok(_) => {

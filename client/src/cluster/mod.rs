@@ -343,9 +343,14 @@ impl Cluster {
         self.deadline.unwrap_or_else(|| self.inner.pool.request_timeout())
     }
 
+    /// The connection to node `id`. An address that cannot be used (a broken
+    /// record in etcd) makes the node unreachable, so its keys read as misses.
     fn node(&self, routes: &Routes, id: &str) -> std::result::Result<Arc<NodeConn>, NodeError> {
         let addr = routes.addr(id).unwrap_or(id);
-        self.inner.pool.get(id, addr).map_err(NodeError::Refused)
+        self.inner.pool.get(id, addr).map_err(|e| NodeError::Unreachable {
+            node: id.to_string(),
+            message: e.to_string(),
+        })
     }
 
     /// Read preference among a key's replicas (spreads readers and keys).
@@ -717,20 +722,21 @@ impl Cluster {
         }
     }
 
-    /// The first current owner of each key, as runs: the distinct node ids,
-    /// and `(index into them, key range)` for each run of consecutive keys
-    /// with one owner. Attention offload opens one shard per run.
-    pub fn owner_runs(
+    /// Connections and shards for offloading attention over the prefix
+    /// `keys`: each run of consecutive chunks with the same (first) current
+    /// owner is one shard on that node, so every server computes over the
+    /// chunks it holds and the client merges the partials.
+    pub fn attend_shards(
         &self,
         layout: &Layout,
         keys: &[ChunkKey],
-    ) -> (Vec<String>, Vec<(usize, std::ops::Range<usize>)>) {
+    ) -> Result<(Vec<crate::Client>, Vec<crate::attend::Shard>)> {
         let routes = self.routes();
         let mut ids: Vec<String> = Vec::new();
-        let mut runs: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        let mut shards: Vec<crate::attend::Shard> = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             let Some(owner) = routes.owners(k, &layout.model_id).first().map(|s| s.to_string()) else {
-                continue;
+                return Err(ClientError::Unavailable("no nodes in the cluster".into()));
             };
             let n = match ids.iter().position(|x| *x == owner) {
                 Some(n) => n,
@@ -739,12 +745,19 @@ impl Cluster {
                     ids.len() - 1
                 }
             };
-            match runs.last_mut() {
-                Some((m, r)) if *m == n && r.end == i => r.end = i + 1,
-                _ => runs.push((n, i..i + 1)),
+            match shards.last_mut() {
+                Some(s) if s.server == n && s.chunks.end == i => s.chunks.end = i + 1,
+                _ => shards.push(crate::attend::Shard {
+                    server: n,
+                    chunks: i..i + 1,
+                }),
             }
         }
-        (ids, runs)
+        let clients = ids
+            .iter()
+            .map(|id| self.client_of(id))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((clients, shards))
     }
 
     /// Every current node's weight, share, health and counters, asked in parallel.
@@ -822,6 +835,8 @@ fn static_members(urls: &[String]) -> Result<Vec<Member>> {
                 reason: "listed twice".into(),
             });
         }
+        // A URL tonic cannot use is refused now, not at the first call.
+        crate::Client::connect_lazy(crate::ClientConfig::new(u.clone()))?;
         out.push(Member {
             id: u.clone(),
             addr: u.clone(),
@@ -855,6 +870,8 @@ async fn follow(inner: std::sync::Weak<Inner>, mut rx: watch::Receiver<View>, st
                 );
                 let next = g.next(members, view.members.replicas.clone(), Instant::now());
                 m.nodes.set(next.members().len() as i64);
+                // Connections to nodes no placement in grace mentions are closed.
+                me.pool.retain(|id| next.addr(id).is_some());
                 *g = Arc::new(next);
                 m.membership_changes.inc();
                 me.changes.send_modify(|c| *c += 1);

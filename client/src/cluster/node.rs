@@ -168,6 +168,12 @@ impl NodePool {
         Ok(n)
     }
 
+    /// Drops the connections of nodes for which `keep` is false.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let mut g = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        g.retain(|id, _| keep(id));
+    }
+
     /// The request deadline of node calls.
     pub fn request_timeout(&self) -> Duration {
         self.settings.client.request_timeout

@@ -96,8 +96,13 @@ enum BenchCommand {
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// Server URL, or several comma-separated: a cluster with a static node set
-    /// (every client must list the same servers).
-    #[arg(long, env = "KVAULT_SERVER", default_value = "http://127.0.0.1:7070")]
+    /// (every client must list the same servers). `--nodes` is the same flag.
+    #[arg(
+        long,
+        alias = "nodes",
+        env = "KVAULT_SERVER",
+        default_value = "http://127.0.0.1:7070"
+    )]
     pub server: String,
     /// etcd endpoints (comma-separated): use the cluster whose servers registered
     /// there, following joins and leaves (wins over --server).
@@ -271,18 +276,7 @@ impl Store {
                     chunks: 0..keys.len(),
                 }],
             )),
-            Store::Cluster(c) => {
-                let (ids, runs) = c.owner_runs(layout, keys);
-                let clients = ids
-                    .iter()
-                    .map(|id| c.client_of(id))
-                    .collect::<kvault_client::Result<Vec<_>>>()?;
-                let shards = runs
-                    .into_iter()
-                    .map(|(server, chunks)| Shard { server, chunks })
-                    .collect();
-                Ok((clients, shards))
-            }
+            Store::Cluster(c) => Ok(c.attend_shards(layout, keys)?),
         }
     }
 }
