@@ -12,7 +12,7 @@ use kvault_client::{
     ChunkKey, ChunkStore, Client, Cluster, ClusterConfig, Layout, Membership, Tier, chain_keys,
 };
 use kvault_codec::{Dtype, Profile};
-use kvault_tests::{TestSidecar, ids, kvault, random_kv};
+use kvault_tests::{TestSidecar, ids, kvault, metric_sum, random_kv, scrape};
 
 /// A small layout, so that long prefixes stay cheap: 2 layers, 1 KV head of 64.
 fn small_layout(model_id: &str) -> Layout {
@@ -129,15 +129,6 @@ async fn held_by(node: &Client, layout: &Layout, keys: &[ChunkKey]) -> Vec<bool>
         .into_iter()
         .map(|t| t != Tier::None)
         .collect()
-}
-
-/// Sum of a metric's samples over its labels.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn metric(c: &Cluster, name: &str) -> f64 {
@@ -610,7 +601,7 @@ async fn a_sidecar_follows_the_cluster_in_etcd() {
         }
     }
     let m = sc.proc.as_ref().unwrap().metrics.expect("metrics address");
-    let text = reqwest_text(m).await;
+    let text = scrape(m).await;
     assert!(text.contains("kvault_sidecar_upstream_nodes 2"), "{text}");
     assert!(
         text.contains("kvault_sidecar_upstream_membership_stale 0"),
@@ -693,18 +684,4 @@ async fn attention_over_a_prefix_spread_on_three_nodes_equals_one_server() {
             }
         }
     }
-}
-
-/// GET /metrics over plain HTTP/1.0.
-async fn reqwest_text(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect metrics");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
 }
