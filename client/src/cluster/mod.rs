@@ -392,9 +392,14 @@ impl Cluster {
                 error: None,
             })
             .collect();
-        let deadline = self.deadline();
+        // The deadline bounds the whole read, fallback rounds included.
+        let end = Instant::now() + self.deadline();
         let tenant = self.tenant.as_deref();
         loop {
+            let deadline = end.saturating_duration_since(Instant::now());
+            if deadline.is_zero() {
+                break;
+            }
             // Node id -> positions asked of it this round.
             let mut round: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
             for (pos, p) in probes.iter().enumerate() {
@@ -475,7 +480,15 @@ impl Cluster {
                         .with_label_values(&[outcome])
                         .inc();
                 }
-                match (p.found, p.error) {
+                let out_of_time = p.found.is_none() && p.next < p.cands.len() && p.error.is_none();
+                let error = match p.error {
+                    None if out_of_time && !p.answered => Some(NodeError::Timeout {
+                        node: p.cands[p.next].clone(),
+                        ms: self.deadline().as_millis() as u64,
+                    }),
+                    e => e,
+                };
+                match (p.found, error) {
                     (Some((v, _)), _) => ReadOutcome::Found {
                         value: v,
                         missed_owners: p.missed_owners,
