@@ -38,6 +38,18 @@ pub struct FreqTable {
     freq: Vec<u16>,
     /// `cum[s]` = sum of `freq[..s]`; one entry longer than `freq`.
     cum: Vec<u32>,
+    /// Per symbol, what the encoder needs: frequency, start and `floor(2^32 / freq)`
+    /// (0 for symbols without frequency).
+    enc: Vec<EncSym>,
+}
+
+/// One symbol's encoder entry: the division `x / freq` becomes a multiply by `rcp` and
+/// at most one correction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct EncSym {
+    freq: u32,
+    cum: u32,
+    rcp: u64,
 }
 
 impl FreqTable {
@@ -112,7 +124,16 @@ impl FreqTable {
                 "frequency table sums to {acc}, expected {PROB_SCALE}"
             )));
         }
-        Ok(FreqTable { freq, cum })
+        let enc = freq
+            .iter()
+            .zip(&cum)
+            .map(|(&f, &c)| EncSym {
+                freq: u32::from(f),
+                cum: c,
+                rcp: if f > 0 { (1u64 << 32) / u64::from(f) } else { 0 },
+            })
+            .collect();
+        Ok(FreqTable { freq, cum, enc })
     }
 
     /// Number of symbols.
@@ -176,26 +197,26 @@ pub fn encode(
 ) -> Result<(), CodecError> {
     words.clear();
     let mut states = [RANS_L; LANES];
-    // Hot path (encode): one division per symbol; lanes alternate, so consecutive
-    // iterations are independent and overlap in the pipeline.
+    // Hot path (encode): per symbol one table entry, a renormalisation and `x / freq` as
+    // a multiply by the reciprocal plus one correction (a hardware division costs tens
+    // of cycles). Lanes alternate, so consecutive iterations are independent.
     for (i, &s) in symbols.iter().enumerate().rev() {
-        let s = usize::from(s);
-        let freq = table.freq(s);
-        if freq == 0 {
+        let e = table.enc.get(usize::from(s)).copied().unwrap_or_default();
+        if e.freq == 0 {
             return Err(CodecError::Compression(format!(
                 "symbol {s} has no frequency in its table"
             )));
         }
-        let cum = table.cum[s];
         let lane = i % LANES;
         let mut x = states[lane];
         // x_max = ((RANS_L >> PROB_BITS) << 16) * freq; as u64 since freq may be 4096.
-        let x_max = u64::from(freq) << (32 - PROB_BITS);
+        let x_max = u64::from(e.freq) << (32 - PROB_BITS);
         if u64::from(x) >= x_max {
             words.push(x as u16);
             x >>= 16;
         }
-        x = ((x / freq) << PROB_BITS) + (x % freq) + cum;
+        let (q, r) = div_rem(x, e);
+        x = (q << PROB_BITS) + r + e.cum;
         states[lane] = x;
     }
     for &x in states.iter().rev() {
@@ -207,6 +228,20 @@ pub fn encode(
         out.extend_from_slice(&w.to_le_bytes());
     }
     Ok(())
+}
+
+/// `(x / freq, x % freq)` for `freq > 0` without a division: `rcp = floor(2^32 / freq)`,
+/// so `x * rcp / 2^32` lies in `(x / freq - 1, x / freq]` (as `x < 2^32`); the estimate is
+/// the quotient or one less, and the remainder says which.
+#[inline(always)]
+fn div_rem(x: u32, e: EncSym) -> (u32, u32) {
+    let mut q = ((u64::from(x) * e.rcp) >> 32) as u32;
+    let mut r = x - q * e.freq;
+    if r >= e.freq {
+        q += 1;
+        r -= e.freq;
+    }
+    (q, r)
 }
 
 /// A frequency table prepared for decoding: one packed entry per probability slot.
@@ -231,6 +266,11 @@ impl DecodeTable {
         DecodeTable { slots }
     }
 
+    /// The packed slots (for the vector decoder).
+    pub(crate) fn slots(&self) -> &[u32; PROB_SCALE as usize] {
+        &self.slots
+    }
+
     /// Rebuilds this table in place for `table` (no allocation).
     pub fn rebuild(&mut self, table: &FreqTable) {
         for s in 0..table.len() {
@@ -248,6 +288,7 @@ impl Default for DecodeTable {
         DecodeTable::new(&FreqTable {
             freq: vec![PROB_SCALE as u16],
             cum: vec![0, PROB_SCALE],
+            enc: Vec::new(),
         })
     }
 }
@@ -257,42 +298,56 @@ impl Default for DecodeTable {
 /// Fails, without reading out of bounds, if the stream is too short, too long or does not
 /// end in the encoder's initial state.
 pub fn decode(stream: &[u8], table: &DecodeTable, out: &mut [u8]) -> Result<(), CodecError> {
+    decode_with(stream, table, out, &mut Vec::new())
+}
+
+/// [`decode`] with a caller's word buffer (reused between streams, so decoding does not
+/// allocate once warm).
+pub(crate) fn decode_with(
+    stream: &[u8],
+    table: &DecodeTable,
+    out: &mut [u8],
+    words: &mut Vec<u16>,
+) -> Result<(), CodecError> {
     if !stream.len().is_multiple_of(2) || stream.len() < 4 * LANES {
         return Err(CodecError::Corrupt(format!(
             "rANS stream of {} bytes",
             stream.len()
         )));
     }
-    let words = stream.len() / 2;
-    let word = |p: usize| -> u32 {
-        match stream.get(2 * p..2 * p + 2) {
-            Some(b) => u32::from(u16::from_le_bytes([b[0], b[1]])),
-            None => 0,
-        }
-    };
+    let (head, body) = stream.split_at(4 * LANES);
     let mut states = [0u32; LANES];
-    for (lane, x) in states.iter_mut().enumerate() {
-        *x = word(2 * lane) | (word(2 * lane + 1) << 16);
+    for (x, b) in states.iter_mut().zip(head.chunks_exact(4)) {
+        *x = u32::from(u16::from_le_bytes([b[0], b[1]])) | u32::from(u16::from_le_bytes([b[2], b[3]])) << 16;
         if *x < RANS_L {
             return Err(CodecError::Corrupt(
                 "rANS initial state below the normalised interval".into(),
             ));
         }
     }
-    let mut pos = 2 * LANES;
-    let slots = &table.slots;
-    let mask = PROB_SCALE - 1;
+    // The renormalisation words, plus one 0 that every read past the end lands on: a
+    // damaged stream may ask for more words than it has, and the final count check
+    // catches that without a branch per read.
+    let n = body.len() / 2;
+    words.clear();
+    words.extend(body.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])));
+    words.push(0);
+    let words = &words[..=n];
+    let slots = &*table.slots;
+    let mut pos = 0usize;
     // Hot path (decode): per symbol one table lookup, one multiply-add and a branch-free
     // refill (the refill is needed about once per 16 bits of output, at random: a branch
-    // there mispredicts often). The next word is always read, and taken with a select;
-    // reads past the end yield 0 and still advance `pos`, which the final check catches.
+    // there mispredicts often). The next word is always read, and taken with a select.
+    // `pos` keeps counting past the end, which the final check catches.
     let step = |x: &mut u32, pos: &mut usize| -> u8 {
-        let e = slots[(*x & mask) as usize];
+        let e = slots[(*x & (PROB_SCALE - 1)) as usize];
         let y = (e & 0x1FFF) * (*x >> PROB_BITS) + ((e >> 13) & 0xFFF);
-        let need = y < RANS_L;
-        let w = word(*pos);
-        *x = if need { (y << 16) | w } else { y };
-        *pos += usize::from(need);
+        let need = u32::from(y < RANS_L);
+        let w = u32::from(words[(*pos).min(n)]);
+        // Arithmetic select: written as `if`, the compiler emits a branch.
+        let mask = need.wrapping_neg();
+        *x = (y & !mask) | (((y << 16) | w) & mask);
+        *pos += need as usize;
         (e >> 25) as u8
     };
     let mut chunks = out.chunks_exact_mut(LANES);
@@ -304,9 +359,11 @@ pub fn decode(stream: &[u8], table: &DecodeTable, out: &mut [u8]) -> Result<(), 
     for (o, x) in chunks.into_remainder().iter_mut().zip(states.iter_mut()) {
         *o = step(x, &mut pos);
     }
-    if pos != words {
+    if pos != n {
         return Err(CodecError::Corrupt(format!(
-            "rANS stream has {words} words, decoding used {pos}"
+            "rANS stream has {} words, decoding used {}",
+            n + 2 * LANES,
+            pos + 2 * LANES
         )));
     }
     if states.iter().any(|&x| x != RANS_L) {
@@ -380,6 +437,34 @@ mod tests {
         let mut zero_n = b.clone();
         zero_n[0] = 0;
         assert!(FreqTable::read(&zero_n).is_err());
+    }
+
+    #[test]
+    fn reciprocal_division_is_exact() {
+        for freq in 1..=PROB_SCALE {
+            let e = EncSym {
+                freq,
+                cum: 0,
+                rcp: (1u64 << 32) / u64::from(freq),
+            };
+            // The encoder divides states below x_max = freq << 20; check around every
+            // multiple of freq near both ends and at a spread of points in between.
+            let x_max = (u64::from(freq) << 20).min(u64::from(u32::MAX));
+            let mut xs: Vec<u64> = (0..64).chain(x_max.saturating_sub(64)..x_max).collect();
+            xs.extend((1..200u64).map(|k| k * (x_max / 200) / u64::from(freq) * u64::from(freq)));
+            for x in xs {
+                for x in [x.saturating_sub(1), x, x + 1] {
+                    let x = x.min(u64::from(u32::MAX)) as u32;
+                    assert_eq!(div_rem(x, e), (x / freq, x % freq), "{x} / {freq}");
+                }
+            }
+        }
+        let e = EncSym {
+            freq: 3,
+            cum: 0,
+            rcp: (1u64 << 32) / 3,
+        };
+        assert_eq!(div_rem(u32::MAX, e), (u32::MAX / 3, u32::MAX % 3));
     }
 
     #[test]
