@@ -553,6 +553,37 @@ fn decode_part(
     let (per_token, m, table) = read_part_header(r, t, c, steps, zeros)?;
     dtable.rebuild(&table);
     let esc_sym = (2 * m + 1) as u8;
+    #[cfg(target_arch = "x86_64")]
+    if simd && c.is_multiple_of(rans::LANES) {
+        let g = Groups {
+            t,
+            c,
+            per_token,
+            m,
+            zeros,
+            steps,
+        };
+        return decode_part_avx2(
+            r,
+            block,
+            esc_sym,
+            &g,
+            out_dtype,
+            out,
+            dtable,
+            (&mut scratch.words, &mut scratch.syms, &mut scratch.halfs),
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
+    let g = Groups {
+        t,
+        c,
+        per_token,
+        m,
+        zeros,
+        steps,
+    };
     let (syms, row, halfs, words, esc_at) = (
         &mut scratch.syms,
         &mut scratch.f32s,
@@ -562,7 +593,6 @@ fn decode_part(
     );
     let size = out_dtype.size();
     let row_bytes = c * size;
-    let simd = simd && c.is_multiple_of(rans::LANES);
     for (bi, out_blk) in out.chunks_mut(block * c * size).enumerate() {
         let elems = out_blk.len() / size;
         let rans_len = r.varint()? as usize;
@@ -570,73 +600,81 @@ fn decode_part(
         let stream = r.take(rans_len)?;
         let escs = r.take(esc_len)?;
         let t0 = bi * block;
-        esc_at.clear();
-        if simd {
-            #[cfg(target_arch = "x86_64")]
-            {
-                let tokens = elems / c;
-                let (biases, stps) = if per_token {
-                    (&zeros[t0..t0 + tokens], &steps[t0..t0 + tokens])
-                } else {
-                    (&zeros[..], &steps[..])
-                };
-                let p = super::kv_avx2::BlockParams {
-                    slots: dtable.slots(),
-                    channels: c,
-                    per_token,
-                    biases,
-                    steps: stps,
-                    esc_sym,
-                    out_dtype,
-                };
-                super::kv_avx2::decode_block(stream, &p, out_blk, words, esc_at)?;
-            }
-        } else {
-            syms.clear();
-            syms.resize(elems, 0);
-            rans::decode_with(stream, dtable, syms, words)?;
-            // Hot path (decode, portable): an add, a convert and a multiply per element, a
-            // row at a time into a small f32 buffer that stays in L1, then one conversion
-            // into the caller's buffer; escapes are patched afterwards.
-            row.clear();
-            row.resize(c, 0.0);
-            for (k, (srow, orow)) in syms
-                .chunks_exact(c)
-                .zip(out_blk.chunks_exact_mut(row_bytes))
-                .enumerate()
-            {
-                if per_token {
-                    let (b, d) = (zeros[t0 + k], steps[t0 + k]);
-                    for (x, &s) in row.iter_mut().zip(srow) {
-                        *x = i32::from(s).wrapping_add(b) as f32 * d;
-                    }
-                } else {
-                    for (((x, &s), &b), &d) in row.iter_mut().zip(srow).zip(zeros.iter()).zip(steps.iter()) {
-                        *x = i32::from(s).wrapping_add(b) as f32 * d;
-                    }
+        syms.clear();
+        syms.resize(elems, 0);
+        rans::decode_with(stream, dtable, syms, words)?;
+        // Hot path (decode, portable): an add, a convert and a multiply per element, a row
+        // at a time into a small f32 buffer that stays in L1, then one conversion into the
+        // caller's buffer; escapes are patched afterwards.
+        row.clear();
+        row.resize(c, 0.0);
+        for (k, (srow, orow)) in syms
+            .chunks_exact(c)
+            .zip(out_blk.chunks_exact_mut(row_bytes))
+            .enumerate()
+        {
+            if per_token {
+                let (b, d) = (zeros[t0 + k], steps[t0 + k]);
+                for (x, &s) in row.iter_mut().zip(srow) {
+                    *x = i32::from(s).wrapping_add(b) as f32 * d;
                 }
-                store_f32(row, out_dtype, orow, halfs);
+            } else {
+                for (((x, &s), &b), &d) in row.iter_mut().zip(srow).zip(zeros.iter()).zip(steps.iter()) {
+                    *x = i32::from(s).wrapping_add(b) as f32 * d;
+                }
             }
-            if syms.contains(&esc_sym) {
-                esc_at.extend(
-                    syms.iter()
-                        .enumerate()
-                        .filter(|&(_, &s)| s == esc_sym)
-                        .map(|(i, _)| i as u32),
-                );
-            }
+            store_f32(row, out_dtype, orow, halfs);
         }
-        // Escapes, in symbol order: the exact residual replaces the escape symbol's value.
-        let mut escs = escs;
-        for &i in esc_at.iter() {
-            let i = i as usize;
+        esc_at.clear();
+        if syms.contains(&esc_sym) {
+            esc_at.extend(
+                syms.iter()
+                    .enumerate()
+                    .filter(|&(_, &s)| s == esc_sym)
+                    .map(|(i, _)| i),
+            );
+        }
+        g.patch_escapes(esc_at.iter().copied(), escs, t0, out_dtype, out_blk, halfs)?;
+    }
+    Ok(())
+}
+
+/// A part's groups: what dequantization needs beyond the symbols.
+struct Groups<'a> {
+    t: usize,
+    c: usize,
+    per_token: bool,
+    m: usize,
+    zeros: &'a [i32],
+    steps: &'a [f32],
+}
+
+impl Groups<'_> {
+    /// Writes the exact value of each escape (positions in symbol order, relative to the
+    /// block starting at token `t0`) into `out_blk`, reading the residuals from `escs`,
+    /// which they must use up.
+    fn patch_escapes(
+        &self,
+        positions: impl Iterator<Item = usize>,
+        mut escs: &[u8],
+        t0: usize,
+        out_dtype: Dtype,
+        out_blk: &mut [u8],
+        halfs: &mut Vec<half::f16>,
+    ) -> Result<(), CodecError> {
+        let size = out_dtype.size();
+        for i in positions {
             let (v, used) = read_varint(escs)
                 .ok_or_else(|| CodecError::Corrupt("kv escape missing or malformed".into()))?;
             escs = &escs[used..];
-            let g = if per_token { t0 + i / c } else { i % c };
-            let q = i64::from(unzigzag(v)) + i64::from(zeros[g]) + m as i64;
+            let g = if self.per_token {
+                t0 + i / self.c
+            } else {
+                i % self.c
+            };
+            let q = i64::from(unzigzag(v)) + i64::from(self.zeros[g]) + self.m as i64;
             store_f32(
-                &[q as f32 * steps[g]],
+                &[q as f32 * self.steps[g]],
                 out_dtype,
                 &mut out_blk[i * size..(i + 1) * size],
                 halfs,
@@ -648,6 +686,87 @@ fn decode_part(
                 escs.len()
             )));
         }
+        Ok(())
+    }
+}
+
+/// The part's blocks through the vector decoder (`kv_avx2.rs`), up to four of equal size
+/// side by side.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn decode_part_avx2(
+    r: &mut PayloadReader<'_>,
+    block: usize,
+    esc_sym: u8,
+    g: &Groups<'_>,
+    out_dtype: Dtype,
+    out: &mut [u8],
+    dtable: &DecodeTable,
+    (words, masks, halfs): (&mut Vec<u16>, &mut Vec<u8>, &mut Vec<half::f16>),
+) -> Result<(), CodecError> {
+    use super::kv_avx2::{Block, MAX_STREAMS, PartParams, decode_blocks};
+    let (t, c) = (g.t, g.c);
+    let size = out_dtype.size();
+    // Every block's framing first: the vector decoder takes several blocks at once.
+    let n_blocks = t.div_ceil(block);
+    let mut framing = Vec::with_capacity(n_blocks);
+    for _ in 0..n_blocks {
+        let rans_len = r.varint()? as usize;
+        let esc_len = r.varint()? as usize;
+        framing.push((r.take(rans_len)?, r.take(esc_len)?));
+    }
+    let p = PartParams {
+        slots: dtable.slots(),
+        channels: c,
+        per_token: g.per_token,
+        esc_sym,
+        out_dtype,
+    };
+    let mut outs: Vec<&mut [u8]> = out.chunks_mut(block * c * size).collect();
+    let tokens_of = |b: usize| block.min(t - b * block);
+    let mut b0 = 0;
+    while b0 < n_blocks {
+        let mut b1 = b0 + 1;
+        while b1 < n_blocks && b1 - b0 < MAX_STREAMS && tokens_of(b1) == tokens_of(b0) {
+            b1 += 1;
+        }
+        let mut blocks: Vec<Block<'_>> = outs[b0..b1]
+            .iter_mut()
+            .zip(&framing[b0..b1])
+            .enumerate()
+            .map(|(j, (o, &(stream, _)))| {
+                let t0 = (b0 + j) * block;
+                let (biases, steps) = if g.per_token {
+                    let tk = tokens_of(b0 + j);
+                    (&g.zeros[t0..t0 + tk], &g.steps[t0..t0 + tk])
+                } else {
+                    (g.zeros, g.steps)
+                };
+                Block {
+                    stream,
+                    out: &mut **o,
+                    biases,
+                    steps,
+                }
+            })
+            .collect();
+        decode_blocks(&mut blocks, &p, words, masks)?;
+        drop(blocks);
+        let per = tokens_of(b0) * c / rans::LANES;
+        for (j, masks) in masks.chunks_exact(per.max(1)).take(b1 - b0).enumerate() {
+            let bi = b0 + j;
+            let positions = masks
+                .iter()
+                .enumerate()
+                .filter(|&(_, &mk)| mk != 0)
+                .flat_map(|(k, &mk)| {
+                    (0..rans::LANES)
+                        .filter(move |l| mk >> l & 1 == 1)
+                        .map(move |l| 8 * k + l)
+                });
+            g.patch_escapes(positions, framing[bi].1, bi * block, out_dtype, outs[bi], halfs)?;
+        }
+        b0 = b1;
     }
     Ok(())
 }

@@ -258,7 +258,7 @@ pub(crate) struct Scratch {
     /// rANS decode table, rebuilt per part.
     pub(crate) dtable: Option<Box<crate::rans::DecodeTable>>,
     /// Positions of escape symbols in a block (vector decoder).
-    pub(crate) escapes: Vec<u32>,
+    pub(crate) escapes: Vec<usize>,
 }
 
 /// Returns `buf` grown to at least `len` bytes (never shrunk, so reuse is free), cut to
