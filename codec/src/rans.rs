@@ -38,9 +38,9 @@ pub struct FreqTable {
     freq: Vec<u16>,
     /// `cum[s]` = sum of `freq[..s]`; one entry longer than `freq`.
     cum: Vec<u32>,
-    /// Per symbol, what the encoder needs: frequency, start and `floor(2^32 / freq)`
-    /// (0 for symbols without frequency).
-    enc: Vec<EncSym>,
+    /// Per symbol, what the encoder needs: frequency, start and `floor(2^32 / freq)`;
+    /// [`MAX_SYMBOLS`] entries, zero beyond the table.
+    enc_padded: [EncSym; MAX_SYMBOLS],
 }
 
 /// One symbol's encoder entry: the division `x / freq` becomes a multiply by `rcp` and
@@ -124,16 +124,19 @@ impl FreqTable {
                 "frequency table sums to {acc}, expected {PROB_SCALE}"
             )));
         }
-        let enc = freq
-            .iter()
-            .zip(&cum)
-            .map(|(&f, &c)| EncSym {
+        let mut enc_padded = [EncSym::default(); MAX_SYMBOLS];
+        for ((e, &f), &c) in enc_padded.iter_mut().zip(&freq).zip(&cum) {
+            *e = EncSym {
                 freq: u32::from(f),
                 cum: c,
                 rcp: if f > 0 { (1u64 << 32) / u64::from(f) } else { 0 },
-            })
-            .collect();
-        Ok(FreqTable { freq, cum, enc })
+            };
+        }
+        Ok(FreqTable {
+            freq,
+            cum,
+            enc_padded,
+        })
     }
 
     /// Number of symbols.
@@ -195,30 +198,53 @@ pub fn encode(
     words: &mut Vec<u16>,
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
+    // Every renormalisation word is written (at most one per symbol, then the states),
+    // and the write position advances only when one is due: no branch per symbol.
     words.clear();
-    let mut states = [RANS_L; LANES];
+    words.resize(symbols.len() + 2 * LANES, 0);
+    let mut k = 0usize;
+    let mut bad = false;
+    let enc = &table.enc_padded;
     // Hot path (encode): per symbol one table entry, a renormalisation and `x / freq` as
-    // a multiply by the reciprocal plus one correction (a hardware division costs tens
-    // of cycles). Lanes alternate, so consecutive iterations are independent.
-    for (i, &s) in symbols.iter().enumerate().rev() {
-        let e = table.enc.get(usize::from(s)).copied().unwrap_or_default();
-        if e.freq == 0 {
-            return Err(CodecError::Compression(format!(
-                "symbol {s} has no frequency in its table"
-            )));
-        }
-        let lane = i % LANES;
-        let mut x = states[lane];
+    // a multiply by the reciprocal plus one correction (a hardware division costs tens of
+    // cycles). Symbols run backwards, lanes alternate: consecutive steps are independent,
+    // and the eight states stay in registers.
+    let mut step = |x: u32, s: u8| -> u32 {
+        let e = enc[usize::from(s) % MAX_SYMBOLS];
+        // Symbols without frequency (or beyond the table) are refused after the loop;
+        // until then the arithmetic wraps harmlessly.
+        bad |= e.freq == 0 || usize::from(s) >= MAX_SYMBOLS;
         // x_max = ((RANS_L >> PROB_BITS) << 16) * freq; as u64 since freq may be 4096.
-        let x_max = u64::from(e.freq) << (32 - PROB_BITS);
-        if u64::from(x) >= x_max {
-            words.push(x as u16);
-            x >>= 16;
-        }
-        let (q, r) = div_rem(x, e);
-        x = (q << PROB_BITS) + r + e.cum;
-        states[lane] = x;
+        let need = u64::from(x) >= u64::from(e.freq) << (32 - PROB_BITS);
+        words[k] = x as u16;
+        k += usize::from(need);
+        let y = std::hint::select_unpredictable(need, x >> 16, x);
+        let (q, r) = div_rem(y, e);
+        (q << PROB_BITS).wrapping_add(r).wrapping_add(e.cum)
+    };
+    let mut st = [RANS_L; LANES];
+    let full = symbols.len() / LANES * LANES;
+    for (l, &s) in symbols[full..].iter().enumerate().rev() {
+        st[l] = step(st[l], s);
     }
+    let [mut x0, mut x1, mut x2, mut x3, mut x4, mut x5, mut x6, mut x7] = st;
+    for c in symbols[..full].chunks_exact(LANES).rev() {
+        x7 = step(x7, c[7]);
+        x6 = step(x6, c[6]);
+        x5 = step(x5, c[5]);
+        x4 = step(x4, c[4]);
+        x3 = step(x3, c[3]);
+        x2 = step(x2, c[2]);
+        x1 = step(x1, c[1]);
+        x0 = step(x0, c[0]);
+    }
+    let states = [x0, x1, x2, x3, x4, x5, x6, x7];
+    if bad {
+        return Err(CodecError::Compression(
+            "a symbol has no frequency in its table".into(),
+        ));
+    }
+    words.truncate(k);
     for &x in states.iter().rev() {
         words.push((x >> 16) as u16);
         words.push(x as u16);
@@ -235,13 +261,12 @@ pub fn encode(
 /// the quotient or one less, and the remainder says which.
 #[inline(always)]
 fn div_rem(x: u32, e: EncSym) -> (u32, u32) {
-    let mut q = ((u64::from(x) * e.rcp) >> 32) as u32;
-    let mut r = x - q * e.freq;
-    if r >= e.freq {
-        q += 1;
-        r -= e.freq;
-    }
-    (q, r)
+    // Wrapping: the encoder also runs this on entries without frequency (rcp 0) before
+    // it refuses them.
+    let q = ((u64::from(x) * e.rcp) >> 32) as u32;
+    let r = x.wrapping_sub(q.wrapping_mul(e.freq));
+    let fix = r >= e.freq;
+    (q + u32::from(fix), r.wrapping_sub(if fix { e.freq } else { 0 }))
 }
 
 /// A frequency table prepared for decoding: one packed entry per probability slot.
@@ -288,7 +313,7 @@ impl Default for DecodeTable {
         DecodeTable::new(&FreqTable {
             freq: vec![PROB_SCALE as u16],
             cum: vec![0, PROB_SCALE],
-            enc: Vec::new(),
+            enc_padded: [EncSym::default(); MAX_SYMBOLS],
         })
     }
 }

@@ -257,17 +257,6 @@ pub(super) fn encode_layer(
 ) -> Result<Vec<u8>, CodecError> {
     let block = parse_params(params)?;
     load_f32(layer, dtype, &mut scratch.f32s);
-    // Vectorised check: a NaN or infinity makes the sum non-finite (finite f32s cannot
-    // overflow an f64 sum).
-    if !scratch
-        .f32s
-        .iter()
-        .map(|&x| f64::from(x))
-        .sum::<f64>()
-        .is_finite()
-    {
-        return Err(unencodable("a non-finite element"));
-    }
     let (t, c, n) = (geom.tokens, geom.channels, geom.part_elems());
     let mut out = Vec::with_capacity(n / 2);
     let f32s = std::mem::take(&mut scratch.f32s);
@@ -338,6 +327,11 @@ fn encode_part(
             }
         }
     }
+    // A NaN or infinity makes its group's sum of squares non-finite (finite f32s cannot
+    // overflow an f64 sum), so the statistics double as the finiteness check.
+    if sum_sq.iter().any(|q| !q.is_finite()) {
+        return Err(unencodable("a non-finite element"));
+    }
     let n_group = if per_token { c } else { t };
     let nf = n_group.max(1) as f64;
     let own: Vec<f64> = (0..groups)
@@ -375,10 +369,24 @@ fn encode_part(
         }
     }
     // Histogram of residuals in [-32, 31]; everything else lands in the last bin.
+    // Four interleaved histograms: consecutive residuals often fall in the same bin, and
+    // one counter would make every increment wait for the previous one.
+    let mut hists = [[0u32; 65]; 4];
+    let mut quads = res.chunks_exact(4);
+    for q in &mut quads {
+        for (h, &r) in hists.iter_mut().zip(q) {
+            // Negative or large values wrap to >= 64 and are clamped to the overflow bin.
+            h[(r.wrapping_add(32) as u32).min(64) as usize] += 1;
+        }
+    }
+    for &r in quads.remainder() {
+        hists[0][(r.wrapping_add(32) as u32).min(64) as usize] += 1;
+    }
     let mut hist = [0u64; 65];
-    for &r in res.iter() {
-        // Negative or large values wrap to >= 64 and are clamped to the overflow bin.
-        hist[(r.wrapping_add(32) as u32).min(64) as usize] += 1;
+    for h in &hists {
+        for (a, &b) in hist.iter_mut().zip(h) {
+            *a += u64::from(b);
+        }
     }
     let total = res.len() as f64;
     let cost = |m: usize| -> f64 {
