@@ -4,20 +4,18 @@
 //! Per layer:
 //! - **Keys per channel, values per token** (KIVI, KVQuant): each key channel (over the
 //!   chunk's tokens) and each value token (over its channels) is a *group* with its own
-//!   zero point (the group mean, rounded to a multiple of its step Δ). Value tokens get
-//!   their own step `Δ = f · σ` (σ = the token's RMS deviation from its mean), following
-//!   token magnitudes. Key channels share one step per (layer, K): `Δ = f · σ_pool`, σ_pool
-//!   the RMS over channels of their deviations. What attention feels of a key error is
-//!   `q · δk`, and queries are large in the same channels as keys (the low-frequency RoPE
-//!   pairs), so per-channel steps proportional to each channel's σ put the largest errors
-//!   exactly where they cost most; one shared step measured better on SmolLM2 (at 2.27-2.29
-//!   bits per element: +2.9% mean perplexity change with the shared step against +8.1% with
-//!   per-channel steps, `kvault codec-eval` on the four bundled texts, 256 scored tokens
-//!   each). Per-channel zero points still remove the channels' offsets.
-//! - **Bit widths by layer group**: the step factor `f` is halved (about one bit more)
-//!   for the first ⌈L/6⌉ key layers and the first ⌈L/15⌉ value layers, where CacheGen and
-//!   KVQuant found loss hurts most. The steps chosen are written into each layer's payload,
-//!   so the decoder needs no schedule.
+//!   zero point (the group mean, rounded to a multiple of its step Δ) and its own step
+//!   byte. How the steps are chosen is the encoder's business ([`KvTuning`]); the profiles
+//!   use: one step for every key channel of a layer, `Δ = f_K · σ_pool` (σ_pool the RMS
+//!   over channels of their deviations: what attention feels of a key error is `q · δk`,
+//!   and queries are large in the same channels as keys, so steps proportional to each
+//!   channel's σ put the largest errors where they cost most), and per value token
+//!   `Δ = f_V · σ_pool · (σ_t / σ_pool)^1.5` (σ_t the token's RMS deviation from its mean,
+//!   σ_pool their RMS over the chunk's tokens).
+//! - The choices were measured on real SmolLM2-135M caches by the KL divergence of the
+//!   model's next-token distributions (`kvault codec-eval`); see [`KvTuning::of`]. A layer
+//!   group with finer steps (CacheGen's, KVQuant's first layers) can be set in the tuning;
+//!   on SmolLM2 it did not pay, and the profiles leave it off.
 //! - **Symbols**: `q = round(x / Δ)`, residual `r = q - m` (m = zero point in steps). The
 //!   alphabet is `r ∈ [-M, M]` plus one escape symbol, with `M ≤ 31` chosen per (layer,
 //!   K/V) to minimise the estimated size. **Outliers are never clipped**: a residual beyond
@@ -27,28 +25,33 @@
 //!   groups (after per-group normalisation the groups' residuals share one distribution;
 //!   the table costs `1 + 2(2M+2)` bytes against CacheGen's `66 · channels`); symbols in
 //!   canonical `[token][channel]` order, cut into blocks of `block_tokens` tokens, each
-//!   block an independent 8-lane rANS stream, so blocks decode in parallel.
+//!   block an independent 8-lane rANS stream, so blocks decode in parallel (on x86-64 with
+//!   AVX2 and F16C, `kv_avx2.rs` decodes a stream's eight lanes as one vector and four
+//!   streams side by side, dequantizing as it goes; same bytes as the portable path).
 //! - Step sizes are `Δ(e) = MANT[e mod 4] · 2^(e div 4 - 40)` for a byte `e` (a quarter-
 //!   octave grid from 2^-40 to 2^24): exact in f32, so every decoder computes the same
 //!   bits. A step is raised when needed so that `max |x| / Δ ≤ 2^29` (residuals fit i32).
 //!
 //! Decoding computes `x̂ = (r + m) · Δ` in f32.
 //!
-//! **Error bound** (all three profiles): `|x - x̂| ≤ Δ/2 + 2^-22 · |x|` for every
-//! element, with Δ the step of the element's group, plus the rounding of the output dtype
-//! when it is narrower than f32. With Gaussian-like groups that is an RMS error of about
-//! `0.29 · f · σ`, with `f` for (keys, values): (0.35, 0.8) in `kv-hi`, (0.6, 1.8) in
-//! `kv-mid`, (0.8, 2.4) in `kv-lo` (halved in the early layer group).
+//! **Error bound** (every tuning): `|x - x̂| ≤ Δ/2 + 2^-22 · |x|` for every element,
+//! with Δ the step of the element's group, plus the rounding of the output dtype when it
+//! is narrower than f32. With Gaussian-like groups that is an RMS error of about
+//! `0.29 · Δ`, with `(f_K, f_V)` = (0.36, 0.62) in `kv-hi`, (0.9, 1.2) in `kv-mid`,
+//! (1.2, 1.6) in `kv-lo`.
 //!
 //! Header parameters (5 bytes): format 1, probability bits 12, lanes 8, `block_tokens`
 //! (u16). Layer payload, for K then V:
 //! `kind` (u8: 0 = groups are channels, 1 = groups are tokens), one step byte `e` per
 //! group, one zigzag varint `m` per group, `M` (u8), the frequency table, then per block:
 //! varint rANS byte length, varint escape byte length, the rANS stream, the escapes.
+//! Retuning changed no byte of this format: the GPU decoder and the planner are as before.
 //!
 //! Not done (measured or not yet worth it): delta coding across tokens (CacheGen#6
-//! measured it larger at equal accuracy) and pre-RoPE keys (the codec does not see RoPE
-//! parameters yet).
+//! measured it larger at equal accuracy), pre-RoPE keys (the codec does not see RoPE
+//! parameters or positions, and un-rotating bit-exactly on CPU and GPU needs a shared
+//! rotation table), and frequency tables per channel class or value groups per (token,
+//! head), which would need a new format version.
 
 use crate::error::CodecError;
 use crate::plan::{LayerPlace, RansPart, RansPlan, RansStream, index, input_offset};
@@ -114,15 +117,23 @@ pub struct KvTuning {
 impl KvTuning {
     /// The tuning of a `kv-*` profile (`None` for the others).
     ///
-    /// Chosen on real SmolLM2-135M caches (`kvault codec-eval`, docs/figures.md): perplexity
-    /// is far more sensitive to key error than to value error (keys pass through the
-    /// softmax; value errors average out over the attended tokens), so keys get fine steps
-    /// and values coarse ones.
+    /// Chosen on real SmolLM2-135M caches with `kvault codec-eval --tune` (docs/figures.md),
+    /// by the mean KL divergence of next-token distributions per bit:
+    /// - value error costs more than key error at these rates (at 2.27 bits per element,
+    ///   a bit spent on values lowered the KL about twice as much as one spent on keys), so
+    ///   the split moved from (0.6, 1.8) to (0.9, 1.2) for `kv-mid`;
+    /// - value steps follow each token's σ more than proportionally (`value_power` 1.5:
+    ///   KL 0.0337 against 0.0413 at the same 2.16-2.18 bits; a step shared by all tokens,
+    ///   power 0, was five times worse);
+    /// - one key step for all channels (`key_power` 0) stays: powers -0.5 and 0.5 measured
+    ///   no better;
+    /// - the finer early layer group cost 0.11 bits per element for no measurable gain, so
+    ///   it is off (`early_scale` 1).
     pub fn of(profile: Profile) -> Option<KvTuning> {
         let (key_factor, value_factor) = match profile {
-            Profile::KvHi => (0.35, 0.8),
-            Profile::KvMid => (0.6, 1.8),
-            Profile::KvLo => (0.8, 2.4),
+            Profile::KvHi => (0.36, 0.62),
+            Profile::KvMid => (0.9, 1.2),
+            Profile::KvLo => (1.2, 1.6),
             _ => return None,
         };
         Some(KvTuning {
@@ -130,9 +141,9 @@ impl KvTuning {
             value_factor,
             early_keys: 1.0 / 6.0,
             early_values: 1.0 / 15.0,
-            early_scale: 0.5,
+            early_scale: 1.0,
             key_power: 0.0,
-            value_power: 1.0,
+            value_power: 1.5,
         })
     }
 
