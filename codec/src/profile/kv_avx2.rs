@@ -93,6 +93,7 @@ pub(crate) fn decode_blocks(
     let rows = if c == 0 { 0 } else { elems / c };
     let groups_needed = if p.per_token { rows } else { c };
     let misfit = n_blocks > MAX_STREAMS
+        || elems == 0
         || c == 0
         || !c.is_multiple_of(LANES)
         || elems != rows * c
