@@ -472,7 +472,7 @@ fn codec_eval_reports_quality_per_profile() {
     let mid = row(&summary, "kv-mid");
     assert!(num(mid[3]) > 4.0, "kv-mid ratio {}\n{out}", mid[3]);
     assert!(num(mid[8]) > 0.0, "kv-mid KL {}\n{out}", mid[8]);
-    row(&summary, "tuned k0.9 v1.2 e1 kp0 vp1");
+    row(&summary, "tuned k0.9 v1.2 e1 kp0 vp1.5");
     for bad in [
         &["--tune", "1"][..],
         &["--tune", "0.5,x"],
