@@ -771,7 +771,7 @@ fn decode_part_avx2(
                 };
                 Block {
                     stream,
-                    out: &mut **o,
+                    out: o,
                     biases,
                     steps,
                 }
@@ -916,10 +916,10 @@ mod tests {
             } else {
                 tuning.key_power
             };
-            for g in 0..groups {
+            for (g, &own_g) in own.iter().enumerate() {
                 let idx = members(g);
                 let sigma = if pooled > 0.0 {
-                    pooled * (own[g] / pooled).clamp(1.0 / 256.0, 256.0).powf(power)
+                    pooled * (own_g / pooled).clamp(1.0 / 256.0, 256.0).powf(power)
                 } else {
                     0.0
                 };

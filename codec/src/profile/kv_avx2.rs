@@ -90,7 +90,7 @@ pub(crate) fn decode_blocks(
         return Ok(());
     };
     let elems = first.out.len() / size;
-    let rows = if c == 0 { 0 } else { elems / c };
+    let rows = elems.checked_div(c).unwrap_or(0);
     let groups_needed = if p.per_token { rows } else { c };
     let misfit = n_blocks > MAX_STREAMS
         || elems == 0

@@ -91,7 +91,7 @@ impl Profile {
                 "default lossy (~7.4x): K per channel (step 0.9 sigma), V per token (1.2 sigma), rANS; |err| <= step/2"
             }
             Profile::KvLo => {
-                "aggressive (~8.5x): K per channel (step 1.2 sigma), V per token (1.6 sigma), rANS; |err| <= step/2"
+                "aggressive (~9x): K per channel (step 1.2 sigma), V per token (1.6 sigma), rANS; |err| <= step/2"
             }
         }
     }
