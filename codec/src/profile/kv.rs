@@ -37,7 +37,7 @@
 //! **Error bound** (every tuning): `|x - x̂| ≤ Δ/2 + 2^-22 · |x|` for every element,
 //! with Δ the step of the element's group, plus the rounding of the output dtype when it
 //! is narrower than f32. With Gaussian-like groups that is an RMS error of about
-//! `0.29 · Δ`, with `(f_K, f_V)` = (0.37, 0.64) in `kv-hi`, (0.9, 1.2) in `kv-mid`,
+//! `0.29 · Δ`, with `(f_K, f_V)` = (0.38, 0.66) in `kv-hi`, (0.9, 1.2) in `kv-mid`,
 //! (1.2, 1.6) in `kv-lo`.
 //!
 //! Header parameters (5 bytes): format 1, probability bits 12, lanes 8, `block_tokens`
@@ -133,7 +133,7 @@ impl KvTuning {
     ///   it is off (`early_scale` 1).
     pub fn of(profile: Profile) -> Option<KvTuning> {
         let (key_factor, value_factor) = match profile {
-            Profile::KvHi => (0.37, 0.64),
+            Profile::KvHi => (0.38, 0.66),
             Profile::KvMid => (0.9, 1.2),
             Profile::KvLo => (1.2, 1.6),
             _ => return None,
