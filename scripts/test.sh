@@ -9,7 +9,8 @@
 # kernel is compiled to PTX by NVRTC from PyPI, which needs no GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh librocksdb-dev libclang-dev
+# etcd-server: the cluster tests start a real etcd (tests/cluster.rs).
+scripts/deps.sh librocksdb-dev libclang-dev etcd-server
 # The sidecar's Python example is tested against the Rust client.
 scripts/py-deps.sh || echo "warning: could not install grpcio/numpy; the Python sidecar test will skip" >&2
 features="kvault-kernels/cuda,kvault-client/cuda"

@@ -32,7 +32,7 @@ use kvault_client::attend::{
     AttendConn, AttendFormat, Offload, Partial, Query, Request, Shard, local_partial,
 };
 use kvault_client::prefix::slice_tokens;
-use kvault_client::{Client, ClientError, Layout, chain_keys};
+use kvault_client::{ChunkStore, Client, ClientError, Layout, chain_keys};
 use kvault_codec::{Dtype, KvShape, KvTensor, Profile};
 use kvault_tests::{TestServer, ids, random_kv};
 use rand::{Rng, SeedableRng};

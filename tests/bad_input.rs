@@ -1,7 +1,7 @@
 //! Bad input gets a clear error and changes nothing, against a real server.
 
 use bytes::Bytes;
-use kvault_client::{Client, ClientConfig, ClientError, RetryPolicy, Tier, chain_keys};
+use kvault_client::{ChunkStore, Client, ClientConfig, ClientError, RetryPolicy, Tier, chain_keys};
 use kvault_codec::{Dtype, Profile};
 use kvault_proto::pb::kv_vault_client::KvVaultClient;
 use kvault_proto::pb::{self, put_request};

@@ -185,3 +185,26 @@ impl TestSidecar {
         self.proc.take().map(|p| p.stop().expect("stop")).unwrap_or(true)
     }
 }
+
+/// `GET /metrics` of a server or sidecar, over plain HTTP/1.0.
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read metrics");
+    out
+}
+
+/// Sum of every sample of a metric family (all label sets) in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -413,3 +413,138 @@ fn demo_runs_end_to_end() {
     assert!(text.contains("bit-exact with the model's cache: yes"), "{text}");
     assert!(text.contains("cached (kvault RAM)        336"), "{text}");
 }
+
+/// The cells of the row of `table_line`s (markdown) whose first cell is `first`.
+fn row<'a>(lines: &'a [&'a str], first: &str) -> Vec<&'a str> {
+    let line = lines
+        .iter()
+        .find(|l| l.split('|').nth(1).map(str::trim) == Some(first))
+        .unwrap_or_else(|| panic!("no row {first:?} in\n{}", lines.join("\n")));
+    line.split('|').map(str::trim).filter(|c| !c.is_empty()).collect()
+}
+
+/// The leading number of a cell such as `0.01234 ± 0.00100` or `+1.5% ± 0.2%`.
+fn num(cell: &str) -> f64 {
+    let head: String = cell
+        .trim_start_matches('+')
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == '-')
+        .collect();
+    head.parse().unwrap_or_else(|_| panic!("not a number: {cell:?}"))
+}
+
+/// `kvault codec-eval` on a real text: the lossless profile changes nothing (Δppl and KL
+/// exactly 0, the same top token everywhere), a lossy profile has a positive KL, `--tune`
+/// adds its row, windows are pooled; bad arguments are refused.
+#[test]
+fn codec_eval_reports_quality_per_profile() {
+    let model = model_path();
+    let model = model.to_str().expect("utf-8 path");
+    let text = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/texts/declaration-of-independence.txt");
+    let text = text.to_str().expect("utf-8 path");
+    let out = run_ok(&[
+        "codec-eval",
+        "--model",
+        model,
+        "--input",
+        text,
+        "--prefix-tokens",
+        "64",
+        "--cont-tokens",
+        "24",
+        "--windows",
+        "2",
+        "--chunk-tokens",
+        "32",
+        "--profiles",
+        "lossless,kv-mid",
+        "--tune",
+        "0.9,1.2,1",
+    ]);
+    let summary: Vec<&str> = out.lines().skip_while(|l| !l.starts_with("All texts")).collect();
+    let lossless = row(&summary, "lossless");
+    assert_eq!(lossless[1], "2", "{out}");
+    assert_eq!(lossless[2], "46", "two windows of 23 scored tokens\n{out}");
+    assert_eq!(num(lossless[7]), 0.0, "{out}");
+    assert_eq!(num(lossless[8]), 0.0, "{out}");
+    assert_eq!(lossless[9], "100.00%", "{out}");
+    let mid = row(&summary, "kv-mid");
+    assert!(num(mid[3]) > 4.0, "kv-mid ratio {}\n{out}", mid[3]);
+    assert!(num(mid[8]) > 0.0, "kv-mid KL {}\n{out}", mid[8]);
+    row(&summary, "tuned k0.9 v1.2 e1 kp0 vp1.5");
+    for bad in [
+        &["--tune", "1"][..],
+        &["--tune", "0.5,x"],
+        &["--tune", "-1,1"],
+        &["--cont-tokens", "4000"],
+    ] {
+        let mut args = vec![
+            "codec-eval",
+            "--model",
+            model,
+            "--input",
+            text,
+            "--profiles",
+            "kv-mid",
+        ];
+        args.extend_from_slice(bad);
+        let out = kvault_tests::kvault(&args);
+        assert!(!out.status.success(), "{bad:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{bad:?}: {err}");
+    }
+}
+
+/// `kvault bench codec` in one small run: every (chunk, profile) row, the original cache
+/// against itself at exactly 0, and the comparison of the default profile with
+/// cachegen-baseline per chunk size.
+#[test]
+fn bench_codec_prints_the_side_by_side_table() {
+    let model = model_path();
+    let model = model.to_str().expect("utf-8 path");
+    let text = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/texts/declaration-of-independence.txt");
+    let text = text.to_str().expect("utf-8 path");
+    let out = run_ok(&[
+        "bench",
+        "codec",
+        "--model",
+        model,
+        "--input",
+        text,
+        "--tokens",
+        "64",
+        "--cont-tokens",
+        "16",
+        "--windows",
+        "2",
+        "--chunk-tokens",
+        "32,64",
+        "--threads",
+        "1",
+        "--seconds",
+        "0.01",
+        "--profiles",
+        "cachegen-baseline,kv-mid",
+    ]);
+    assert!(
+        out.contains("original vs itself: Δppl +0.000% ± 0.000%, KL 0.00000 ± 0.00000"),
+        "{out}"
+    );
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("| kv-mid |") || l.starts_with("| cachegen-baseline |"))
+        .collect();
+    assert_eq!(rows.len(), 4, "{out}");
+    for r in &rows {
+        let cells: Vec<&str> = r.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert_eq!(cells.len(), 10, "{r}");
+        assert!(num(cells[7]) > 0.0, "KL of a lossy profile: {r}");
+        // Speeds are timed (a debug build may print 0.00): they must be numbers.
+        assert!(num(cells[8]) >= 0.0 && num(cells[9]) >= 0.0, "speeds: {r}");
+    }
+    for chunk in [32, 64] {
+        assert!(out.contains(&format!("chunk {chunk}: kv-mid is ")), "{out}");
+    }
+}

@@ -1,7 +1,7 @@
 //! End-to-end behaviour of a real `kvault-server` process through the client library.
 
 use bytes::Bytes;
-use kvault_client::{Client, ClientError, Tier, chain_keys};
+use kvault_client::{ChunkStore, Client, ClientError, Tier, chain_keys};
 use kvault_codec::{Dtype, Profile};
 use kvault_tests::{TestServer, ids, random_kv, smol_layout};
 

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kvault_client::local_server::LocalServer;
 use kvault_client::prefix::slice_tokens;
-use kvault_client::{Client, Layout, Placement, chain_keys};
+use kvault_client::{ChunkStore, Client, Layout, Placement, chain_keys};
 use kvault_codec::{Dtype, KvTensor, Profile};
 use kvault_proto::pb;
 use kvault_proto::pb::sidecar_client::SidecarClient;
-use kvault_tests::{TestServer, TestSidecar, ids, random_kv, smol_layout};
+use kvault_tests::{TestServer, TestSidecar, ids, metric_sum, random_kv, scrape, smol_layout};
 use tonic::Code;
 
 type Shm = SidecarClient<tonic::transport::Channel>;
@@ -561,26 +561,6 @@ async fn hostile_callers_get_clear_errors_and_other_slots_survive() {
         read_region(&region, p.offset, p.length),
         chunk_bytes(&kv, &layout, 1)
     );
-}
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-/// Sum of every sample of a metric family (all label sets).
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 //! cargo run -p kvault-client --example quickstart -- http://127.0.0.1:7070
 //! ```
 
-use kvault_client::{Client, Layout};
+use kvault_client::{ChunkStore, Client, Layout};
 use kvault_codec::{Dtype, KvShape, KvTensor, Profile};
 
 #[tokio::main]

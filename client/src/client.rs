@@ -103,6 +103,7 @@ pub struct Client {
     channel: Channel,
     retry: RetryPolicy,
     creds: Credentials,
+    endpoint: std::sync::Arc<str>,
 }
 
 impl Client {
@@ -111,93 +112,121 @@ impl Client {
         Client::connect_with(ClientConfig::new(endpoint)).await
     }
 
-    /// Connects with explicit settings; fails fast if the server is unreachable.
-    pub async fn connect_with(cfg: ClientConfig) -> Result<Client> {
-        let bad = |reason: String| ClientError::InvalidEndpoint {
-            endpoint: cfg.endpoint.clone(),
-            reason,
+    /// A handle that connects on first use (and reconnects after the server
+    /// restarts), whatever `cfg.lazy` says: it never waits, so it can be made
+    /// outside an async context and while the server is down.
+    pub fn connect_lazy(cfg: ClientConfig) -> Result<Client> {
+        let (ep, creds) = endpoint_and_creds(&cfg)?;
+        let channel = match unix_socket_path(&cfg.endpoint) {
+            Some(path) => ep.connect_with_connector_lazy(unix_connector(path)),
+            None => ep.connect_lazy(),
         };
-        let url = match unix_socket_path(&cfg.endpoint) {
-            Some(_) => "http://sidecar.invalid".to_string(),
-            None => cfg.endpoint.clone(),
-        };
-        let ep = Endpoint::from_shared(url)
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(cfg.connect_timeout)
-            .timeout(cfg.request_timeout)
-            .tcp_nodelay(true)
-            // Chunk bodies are MiBs: small HTTP/2 windows would cap throughput.
-            .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(64 << 20))
-            // The receiver's frame size bounds the server's DATA frames: 16 KiB by
-            // default, which means 64 frames per body piece.
-            .max_frame_size(Some((1 << 20) - 1));
-        let ascii = |v: String, what: &str| {
-            v.parse::<MetadataValue<tonic::metadata::Ascii>>()
-                .map_err(|_| bad(format!("{what} is not valid ASCII metadata")))
-        };
-        let creds = Credentials {
-            tenant: cfg.tenant.clone().map(|t| ascii(t, "tenant")).transpose()?,
-            token: cfg
-                .token
-                .clone()
-                .map(|t| ascii(format!("Bearer {t}"), "token"))
-                .transpose()?,
-        };
-        let endpoint = cfg.endpoint.as_str();
-        let socket = unix_socket_path(endpoint);
-        let channel = if cfg.lazy {
-            match socket.clone() {
-                Some(path) => {
-                    ep.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
-                        let path = path.clone();
-                        async move {
-                            let s = tokio::net::UnixStream::connect(path).await?;
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                        }
-                    }))
-                }
-                None => ep.connect_lazy(),
-            }
-        } else {
-            cfg.retry
-                .run(|| {
-                    let ep = ep.clone();
-                    let socket = socket.clone();
-                    async move {
-                        let r = match socket {
-                            // A local sidecar: HTTP/2 over a Unix domain socket; the
-                            // endpoint's authority is a placeholder the connector ignores.
-                            Some(path) => {
-                                ep.connect_with_connector(tower::service_fn(
-                                    move |_: tonic::transport::Uri| {
-                                        let path = path.clone();
-                                        async move {
-                                            let s = tokio::net::UnixStream::connect(path).await?;
-                                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                                        }
-                                    },
-                                ))
-                                .await
-                            }
-                            None => ep.connect().await,
-                        };
-                        r.map_err(|e| ClientError::Unavailable(format!("{endpoint}: {}", source_chain(&e))))
-                    }
-                })
-                .await?
-        };
+        Ok(Client::from_channel(channel, &cfg, creds))
+    }
+
+    fn from_channel(channel: Channel, cfg: &ClientConfig, creds: Credentials) -> Client {
         let rpc = KvVaultClient::with_interceptor(channel.clone(), creds.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Client {
+        Client {
             rpc,
             channel,
             retry: cfg.retry,
             creds,
-        })
+            endpoint: cfg.endpoint.as_str().into(),
+        }
     }
 
+    /// The endpoint this handle talks to, as configured.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Connects with explicit settings; fails fast if the server is unreachable.
+    pub async fn connect_with(cfg: ClientConfig) -> Result<Client> {
+        if cfg.lazy {
+            return Client::connect_lazy(cfg);
+        }
+        let (ep, creds) = endpoint_and_creds(&cfg)?;
+        let endpoint = cfg.endpoint.as_str();
+        let socket = unix_socket_path(endpoint);
+        let channel = cfg
+            .retry
+            .run(|| {
+                let ep = ep.clone();
+                let socket = socket.clone();
+                async move {
+                    let r = match socket {
+                        // A local sidecar: HTTP/2 over a Unix domain socket; the
+                        // endpoint's authority is a placeholder the connector ignores.
+                        Some(path) => ep.connect_with_connector(unix_connector(path)).await,
+                        None => ep.connect().await,
+                    };
+                    r.map_err(|e| ClientError::Unavailable(format!("{endpoint}: {}", source_chain(&e))))
+                }
+            })
+            .await?;
+        Ok(Client::from_channel(channel, &cfg, creds))
+    }
+}
+
+/// A connector that opens the Unix socket at `path` for every connection.
+fn unix_connector(
+    path: std::path::PathBuf,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        async move {
+            let s = tokio::net::UnixStream::connect(path).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+        }
+    })
+}
+
+/// The tonic endpoint and credentials `cfg` describes.
+fn endpoint_and_creds(cfg: &ClientConfig) -> Result<(Endpoint, Credentials)> {
+    let bad = |reason: String| ClientError::InvalidEndpoint {
+        endpoint: cfg.endpoint.clone(),
+        reason,
+    };
+    let url = match unix_socket_path(&cfg.endpoint) {
+        Some(_) => "http://sidecar.invalid".to_string(),
+        None => cfg.endpoint.clone(),
+    };
+    let ep = Endpoint::from_shared(url)
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(cfg.connect_timeout)
+        .timeout(cfg.request_timeout)
+        .tcp_nodelay(true)
+        // Chunk bodies are MiBs: small HTTP/2 windows would cap throughput.
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(64 << 20))
+        // The receiver's frame size bounds the server's DATA frames: 16 KiB by
+        // default, which means 64 frames per body piece.
+        .max_frame_size(Some((1 << 20) - 1));
+    let ascii = |v: String, what: &str| {
+        v.parse::<MetadataValue<tonic::metadata::Ascii>>()
+            .map_err(|_| bad(format!("{what} is not valid ASCII metadata")))
+    };
+    let creds = Credentials {
+        tenant: cfg.tenant.clone().map(|t| ascii(t, "tenant")).transpose()?,
+        token: cfg
+            .token
+            .clone()
+            .map(|t| ascii(format!("Bearer {t}"), "token"))
+            .transpose()?,
+    };
+    Ok((ep, creds))
+}
+
+impl Client {
     /// The same connection acting for another tenant (servers without
     /// tokens): the sidecar forwards each caller's tenant this way.
     pub fn for_tenant(&self, tenant: &str) -> Result<Client> {
@@ -218,6 +247,7 @@ impl Client {
             channel: self.channel.clone(),
             retry: self.retry,
             creds,
+            endpoint: self.endpoint.clone(),
         })
     }
 

@@ -65,6 +65,22 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         matches!(self, ClientError::Unavailable(_))
     }
+
+    /// The gRPC code this error stands for (to pass a refusal on unchanged).
+    pub fn code(&self) -> Code {
+        match self {
+            ClientError::InvalidArgument(_) | ClientError::Model(_) => Code::InvalidArgument,
+            ClientError::LayoutMismatch(_) => Code::FailedPrecondition,
+            ClientError::TooLarge(_) => Code::ResourceExhausted,
+            ClientError::Unauthenticated(_) => Code::Unauthenticated,
+            ClientError::NotFound(_) => Code::NotFound,
+            ClientError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            ClientError::Unavailable(_) | ClientError::InvalidEndpoint { .. } => Code::Unavailable,
+            ClientError::Server { code, .. } => *code,
+            ClientError::Protocol(_) | ClientError::Codec(_) => Code::DataLoss,
+            ClientError::Gpu(_) => Code::Internal,
+        }
+    }
 }
 
 impl From<Status> for ClientError {

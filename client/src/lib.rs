@@ -1,15 +1,18 @@
 //! Client side of kvault: the library that serving nodes and tools use to
 //! store and fetch KV caches, and the `kvault` command-line tool.
 //!
-//! The library connects to a `kvault-server` over gRPC ([`Client`]), derives
-//! chained chunk keys from token ids ([`kvault_proto::chain_keys`]), and moves
-//! whole prefixes: [`Client::put_prefix`] splits a KV cache into chunks,
-//! encodes and stores them; [`Client::get_prefix`] finds the longest stored
-//! prefix, fetches and decodes it. It is not a server and holds no cache of
-//! its own. Start reading at [`client`], then [`prefix`].
+//! The library connects to a `kvault-server` over gRPC ([`Client`]) or to
+//! many as one store ([`Cluster`]: rendezvous placement over a static node
+//! list or the servers registered in etcd), derives chained chunk keys from
+//! token ids ([`kvault_proto::chain_keys`]), and moves whole prefixes through
+//! either ([`ChunkStore`]): [`ChunkStore::put_prefix`] splits a KV cache into
+//! chunks, encodes and stores them; [`ChunkStore::get_prefix`] finds the
+//! longest stored prefix, fetches and decodes it. It is not a server and
+//! holds no cache of its own. Start reading at [`client`], then [`prefix`]
+//! and [`cluster`].
 //!
 //! ```no_run
-//! use kvault_client::{Client, Layout};
+//! use kvault_client::{ChunkStore, Client, Layout};
 //! use kvault_codec::{Dtype, KvShape, KvTensor, Profile};
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -32,6 +35,7 @@
 
 pub mod attend;
 pub mod client;
+pub mod cluster;
 pub mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu;
@@ -42,9 +46,12 @@ pub mod model;
 pub mod placement;
 pub mod prefix;
 pub mod retry;
+pub mod store;
 
 pub use client::{Client, ClientConfig, Fetched, Lookup, Tier};
+pub use cluster::{Cluster, ClusterConfig, Membership};
 pub use error::{ClientError, Result};
 pub use kvault_proto::{ChunkKey, Layout, NamespaceId, Rope, chain_keys};
 pub use placement::{Node, Placement, PlacementError};
 pub use retry::RetryPolicy;
+pub use store::ChunkStore;

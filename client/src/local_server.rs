@@ -193,9 +193,12 @@ impl LocalSidecar {
         if !bin.is_file() {
             return Err(LocalServerError::NoBinary(bin));
         }
-        let mut child = Command::new(&bin)
-            .arg("--upstream")
-            .arg(upstreams.join(","))
+        let mut cmd = Command::new(&bin);
+        // No upstream list: the flags name another source (`--etcd`).
+        if !upstreams.is_empty() {
+            cmd.arg("--upstream").arg(upstreams.join(","));
+        }
+        let mut child = cmd
             .arg("--socket")
             .arg(socket)
             .args(extra)
@@ -259,6 +262,130 @@ impl LocalSidecar {
 }
 
 impl Drop for LocalSidecar {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A single-member etcd (Debian's `etcd-server`) on free loopback ports, for
+/// cluster tests and benchmarks. Killed on drop if not stopped.
+pub struct LocalEtcd {
+    child: Option<Child>,
+    /// Client port.
+    pub client_port: u16,
+    peer_port: u16,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+}
+
+/// A port that was free a moment ago (etcd picks no port of its own).
+fn free_port() -> Result<u16, LocalServerError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl LocalEtcd {
+    /// Path of the etcd binary: `$KVAULT_ETCD_BIN`, else `etcd` on `PATH`
+    /// (`scripts/deps.sh etcd-server` installs it).
+    pub fn binary() -> Result<PathBuf, LocalServerError> {
+        if let Some(p) = std::env::var_os("KVAULT_ETCD_BIN") {
+            return Ok(PathBuf::from(p));
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .map(|d| d.join("etcd"))
+            .find(|p| p.is_file())
+            .ok_or_else(|| LocalServerError::NoBinary(PathBuf::from("etcd (apt-get install etcd-server)")))
+    }
+
+    /// Starts etcd with its data in `data_dir` and waits until it answers.
+    pub fn start(data_dir: &Path) -> Result<LocalEtcd, LocalServerError> {
+        let (client_port, peer_port) = (free_port()?, free_port()?);
+        Self::start_on(data_dir, client_port, peer_port)
+    }
+
+    fn start_on(data_dir: &Path, client_port: u16, peer_port: u16) -> Result<LocalEtcd, LocalServerError> {
+        let bin = Self::binary()?;
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let child = Command::new(&bin)
+            .arg("--name=kvault-test")
+            .arg(format!("--data-dir={}", data_dir.display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=kvault-test={peer}"))
+            .arg("--logger=zap")
+            .arg("--log-level=error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut e = LocalEtcd {
+            child: Some(child),
+            client_port,
+            peer_port,
+            data_dir: data_dir.to_path_buf(),
+        };
+        e.wait_ready()?;
+        Ok(e)
+    }
+
+    /// Waits until the client port answers HTTP health (etcd serves `/health` there).
+    fn wait_ready(&mut self) -> Result<(), LocalServerError> {
+        use std::io::{Read, Write};
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                return Err(LocalServerError::NotStarted(format!("etcd exited with {status}")));
+            }
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.client_port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+                let mut body = String::new();
+                let _ = s.read_to_string(&mut body);
+                if body.contains("\"health\":\"true\"") {
+                    return Ok(());
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(LocalServerError::NotStarted(
+                    "etcd did not become healthy in 30 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `http://127.0.0.1:PORT` for clients.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Kills etcd (SIGKILL), as a crash or a partition would look to clients.
+    pub fn kill(&mut self) -> Result<(), LocalServerError> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts a killed etcd again on the same ports and data.
+    pub fn restart(&mut self) -> Result<(), LocalServerError> {
+        self.kill()?;
+        let e = Self::start_on(&self.data_dir.clone(), self.client_port, self.peer_port)?;
+        *self = e;
+        Ok(())
+    }
+}
+
+impl Drop for LocalEtcd {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

@@ -139,6 +139,17 @@ impl Placement {
         v.into_iter().map(|(_, i)| i).collect()
     }
 
+    /// The `r` best nodes for `key`, best first (all of them when `r` is at
+    /// least the node count): the replicas of a key.
+    pub fn owners(&self, key: &ChunkKey, r: usize) -> Vec<usize> {
+        if r <= 1 {
+            return vec![self.owner(key)];
+        }
+        let mut v = self.ranked(key);
+        v.truncate(r);
+        v
+    }
+
     /// Splits `keys` by owner: for each node index, the positions (into
     /// `keys`) it owns, in order.
     pub fn group(&self, keys: &[ChunkKey]) -> Vec<Vec<usize>> {

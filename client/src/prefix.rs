@@ -114,6 +114,8 @@ pub struct PutSummary {
     pub stored_bytes: u64,
     /// Size of the same chunks in fp16.
     pub fp16_bytes: u64,
+    /// Chunks not stored because their owner node was down (clusters only).
+    pub unavailable: usize,
 }
 
 /// A prefix's KV fetched back.
@@ -129,138 +131,150 @@ pub struct FetchedPrefix {
     pub wire_bytes: u64,
 }
 
-impl crate::Client {
-    /// Splits `kv` (the cache of `ids`) into chunks, encodes them with
-    /// `profile` and stores those the server does not hold yet, with up to
-    /// `concurrency` puts in flight.
-    pub async fn put_prefix(
-        &self,
-        layout: &kvault_proto::Layout,
-        kv: &KvView<'_>,
-        ids: &[u32],
-        profile: kvault_codec::Profile,
-        concurrency: usize,
-    ) -> crate::Result<PutSummary> {
-        use futures::{StreamExt, TryStreamExt};
-        let s = kv.shape();
-        if s.tokens as usize != ids.len()
-            || s.layers != layout.layers
-            || s.kv_heads != layout.kv_heads
-            || s.head_dim != layout.head_dim
-            || kv.dtype() != layout.dtype
-        {
-            return Err(CodecError::BadShape(format!(
-                "KV {s:?} ({}) with {} ids does not match the namespace layout",
-                kv.dtype(),
-                ids.len()
-            ))
-            .into());
-        }
-        let ct = layout.chunk_tokens;
-        let keys = kvault_proto::chain_keys(&layout.namespace_id(), ids, ct as usize);
-        let present = self.exists(layout, &keys).await?;
-        let fp16_per_token = 2 * s.layers as u64 * s.kv_heads as u64 * s.head_dim as u64 * 2;
-        let mut summary = PutSummary {
-            chunks: keys.len(),
-            fp16_bytes: fp16_per_token * s.tokens as u64,
-            ..Default::default()
-        };
-        // Encode every chunk (the summary reports all their sizes); codec work
-        // runs on rayon inside `encode`, off the async threads.
-        let mut blobs = Vec::with_capacity(keys.len());
-        for (i, _) in keys.iter().enumerate() {
-            let t0 = i as u32 * ct;
-            let t1 = (t0 + ct).min(s.tokens);
-            let chunk = slice_tokens(kv, t0, t1)?;
-            let blob = cpu_bound(|| kvault_codec::encode(chunk.view(), profile))?;
-            summary.stored_bytes += blob.len() as u64;
-            blobs.push(bytes::Bytes::from(blob));
-        }
-        let todo: Vec<_> = keys
-            .iter()
-            .zip(blobs)
-            .zip(&present)
-            .filter(|(_, t)| **t == crate::Tier::None)
-            .map(|((k, b), _)| (*k, b))
-            .collect();
-        let stored: Vec<bool> = futures::stream::iter(todo)
-            .map(|(k, b)| async move { self.put(layout, &k, b).await })
-            .buffer_unordered(concurrency.max(1))
-            .try_collect()
-            .await?;
-        summary.new = stored.iter().filter(|s| **s).count();
-        Ok(summary)
+/// Splits `kv` (the cache of `ids`) into chunks, encodes them with
+/// `profile` and stores those the store does not hold yet, with up to
+/// `concurrency` puts in flight. Chunks whose owner is unavailable (a
+/// cluster node that is down) are counted in `unavailable`, not errors: the
+/// cache stays correct, only less full. Called through
+/// [`crate::ChunkStore::put_prefix`].
+pub(crate) async fn put_prefix<S: crate::ChunkStore>(
+    store: &S,
+    layout: &kvault_proto::Layout,
+    kv: &KvView<'_>,
+    ids: &[u32],
+    profile: kvault_codec::Profile,
+    concurrency: usize,
+) -> crate::Result<PutSummary> {
+    use futures::{StreamExt, TryStreamExt};
+    let s = kv.shape();
+    if s.tokens as usize != ids.len()
+        || s.layers != layout.layers
+        || s.kv_heads != layout.kv_heads
+        || s.head_dim != layout.head_dim
+        || kv.dtype() != layout.dtype
+    {
+        return Err(CodecError::BadShape(format!(
+            "KV {s:?} ({}) with {} ids does not match the namespace layout",
+            kv.dtype(),
+            ids.len()
+        ))
+        .into());
     }
+    let ct = layout.chunk_tokens;
+    let keys = kvault_proto::chain_keys(&layout.namespace_id(), ids, ct as usize);
+    let present = store.exists(layout, &keys).await?;
+    let fp16_per_token = 2 * s.layers as u64 * s.kv_heads as u64 * s.head_dim as u64 * 2;
+    let mut summary = PutSummary {
+        chunks: keys.len(),
+        fp16_bytes: fp16_per_token * s.tokens as u64,
+        ..Default::default()
+    };
+    // Encode every chunk (the summary reports all their sizes); codec work
+    // runs on rayon inside `encode`, off the async threads.
+    let mut blobs = Vec::with_capacity(keys.len());
+    for (i, _) in keys.iter().enumerate() {
+        let t0 = i as u32 * ct;
+        let t1 = (t0 + ct).min(s.tokens);
+        let chunk = slice_tokens(kv, t0, t1)?;
+        let blob = cpu_bound(|| kvault_codec::encode(chunk.view(), profile))?;
+        summary.stored_bytes += blob.len() as u64;
+        blobs.push(bytes::Bytes::from(blob));
+    }
+    let todo: Vec<_> = keys
+        .iter()
+        .zip(blobs)
+        .zip(&present)
+        .filter(|(_, t)| **t == crate::Tier::None)
+        .map(|((k, b), _)| (*k, b))
+        .collect();
+    let stored: Vec<Option<bool>> = futures::stream::iter(todo)
+        .map(|(k, b)| async move {
+            match store.put(layout, &k, b).await {
+                Ok(s) => Ok(Some(s)),
+                Err(crate::ClientError::Unavailable(m)) if store.is_cluster() => {
+                    tracing::warn!(key = %k, error = %m, "chunk owner unavailable: not stored");
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
+        .await?;
+    summary.new = stored.iter().filter(|s| **s == Some(true)).count();
+    summary.unavailable = stored.iter().filter(|s| s.is_none()).count();
+    Ok(summary)
+}
 
-    /// Fetches the longest stored prefix of `ids` and decodes it into `out_dtype`.
-    /// `None` when not even the first chunk is stored.
-    pub async fn get_prefix(
-        &self,
-        layout: &kvault_proto::Layout,
-        ids: &[u32],
-        out_dtype: Dtype,
-    ) -> crate::Result<Option<FetchedPrefix>> {
-        let ct = layout.chunk_tokens as usize;
-        let keys = kvault_proto::chain_keys(&layout.namespace_id(), ids, ct);
-        let found = self.lookup(layout, &keys).await?.prefix_chunks;
-        if found == 0 {
-            return Ok(None);
-        }
-        let fetched = self.get_many(layout, &keys[..found], None).await?;
-        let tokens = (found * ct).min(ids.len());
-        let shape = KvShape {
-            layers: layout.layers,
-            tokens: tokens as u32,
-            kv_heads: layout.kv_heads,
-            head_dim: layout.head_dim,
-        };
-        let mut kv = KvTensor::zeros(shape, out_dtype)?;
-        let mut wire_bytes = 0;
-        for (i, f) in fetched.into_iter().enumerate() {
-            // Evicted between lookup and get: the prefix ends here.
-            let Some(f) = f else {
-                let shape = KvShape {
-                    tokens: (i * ct) as u32,
-                    ..shape
-                };
-                if i == 0 {
-                    return Ok(None);
-                }
-                let cut = slice_tokens(&kv.view(), 0, shape.tokens)?;
-                return Ok(Some(FetchedPrefix {
-                    kv: cut,
-                    tokens: i * ct,
-                    chunks: i,
-                    wire_bytes,
-                }));
-            };
-            wire_bytes += f.blob.len() as u64;
-            let t0 = i * ct;
-            let want = (tokens - t0).min(ct) as u32;
-            let part = cpu_bound(|| -> crate::Result<KvTensor> {
-                let c = kvault_codec::Container::parse(&f.blob)?;
-                let h = c.header();
-                if h.tokens != want
-                    || h.layer_count != layout.layers
-                    || h.kv_heads != layout.kv_heads
-                    || h.head_dim != layout.head_dim
-                {
-                    return Err(crate::ClientError::Protocol(format!(
-                        "chunk {i} holds {} tokens x {} layers, expected {want} x {}",
-                        h.tokens, h.layer_count, layout.layers
-                    )));
-                }
-                let mut part = KvTensor::zeros(h.shape(), out_dtype)?;
-                kvault_codec::decode_into(&f.blob, out_dtype, part.data_mut())?;
-                Ok(part)
-            })?;
-            place_tokens(&mut kv, &part.view(), t0 as u32)?;
-        }
-        Ok(Some(FetchedPrefix {
-            kv,
-            tokens,
-            chunks: found,
-            wire_bytes,
-        }))
+/// Fetches the longest stored prefix of `ids` and decodes it into `out_dtype`.
+/// `None` when not even the first chunk is stored. Called through
+/// [`crate::ChunkStore::get_prefix`].
+pub(crate) async fn get_prefix<S: crate::ChunkStore>(
+    store: &S,
+    layout: &kvault_proto::Layout,
+    ids: &[u32],
+    out_dtype: Dtype,
+) -> crate::Result<Option<FetchedPrefix>> {
+    let ct = layout.chunk_tokens as usize;
+    let keys = kvault_proto::chain_keys(&layout.namespace_id(), ids, ct);
+    let found = store.lookup(layout, &keys).await?.prefix_chunks;
+    if found == 0 {
+        return Ok(None);
     }
+    let fetched = store.get_many(layout, &keys[..found], None).await?;
+    let tokens = (found * ct).min(ids.len());
+    let shape = KvShape {
+        layers: layout.layers,
+        tokens: tokens as u32,
+        kv_heads: layout.kv_heads,
+        head_dim: layout.head_dim,
+    };
+    let mut kv = KvTensor::zeros(shape, out_dtype)?;
+    let mut wire_bytes = 0;
+    for (i, f) in fetched.into_iter().enumerate() {
+        // Evicted between lookup and get: the prefix ends here.
+        let Some(f) = f else {
+            let shape = KvShape {
+                tokens: (i * ct) as u32,
+                ..shape
+            };
+            if i == 0 {
+                return Ok(None);
+            }
+            let cut = slice_tokens(&kv.view(), 0, shape.tokens)?;
+            return Ok(Some(FetchedPrefix {
+                kv: cut,
+                tokens: i * ct,
+                chunks: i,
+                wire_bytes,
+            }));
+        };
+        wire_bytes += f.blob.len() as u64;
+        let t0 = i * ct;
+        let want = (tokens - t0).min(ct) as u32;
+        let part = cpu_bound(|| -> crate::Result<KvTensor> {
+            let c = kvault_codec::Container::parse(&f.blob)?;
+            let h = c.header();
+            if h.tokens != want
+                || h.layer_count != layout.layers
+                || h.kv_heads != layout.kv_heads
+                || h.head_dim != layout.head_dim
+            {
+                return Err(crate::ClientError::Protocol(format!(
+                    "chunk {i} holds {} tokens x {} layers, expected {want} x {}",
+                    h.tokens, h.layer_count, layout.layers
+                )));
+            }
+            let mut part = KvTensor::zeros(h.shape(), out_dtype)?;
+            kvault_codec::decode_into(&f.blob, out_dtype, part.data_mut())?;
+            Ok(part)
+        })?;
+        place_tokens(&mut kv, &part.view(), t0 as u32)?;
+    }
+    Ok(Some(FetchedPrefix {
+        kv,
+        tokens,
+        chunks: found,
+        wire_bytes,
+    }))
 }

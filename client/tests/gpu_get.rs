@@ -5,7 +5,7 @@
 
 use kvault_client::gpu::{GpuDecoder, KernelError, OutDtype, Target};
 use kvault_client::local_server::LocalServer;
-use kvault_client::{Client, Layout, chain_keys};
+use kvault_client::{ChunkStore, Client, Layout, chain_keys};
 use kvault_codec::{Dtype, KvShape, KvTensor, Profile};
 use kvault_kernels::cudarc::driver::CudaSlice;
 

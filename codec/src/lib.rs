@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 pub use container::{Container, Header, peek_profile, slice_layers};
 pub use error::CodecError;
-pub use profile::Profile;
+pub use profile::{KvTuning, Profile};
 pub use tensor::{Dtype, KvShape, KvTensor, KvView, convert};
 
 use container::VERSION;
@@ -39,6 +39,28 @@ use profile::{LayerGeom, Scratch};
 /// The container stores all of the tensor's layers: `total_layers = layer_count =
 /// shape.layers`, `layer_start = 0`.
 pub fn encode(view: KvView<'_>, profile: Profile) -> Result<Vec<u8>, CodecError> {
+    encode_inner(view, profile, None)
+}
+
+/// Encodes like [`encode`] with a `kv-*` profile but the encoder's choices of `tuning`
+/// instead of the profile's own (see [`KvTuning`]); the container decodes with the same
+/// decoders as any other of that profile. Fails for profiles that are not `kv-*` and for
+/// a tuning out of range.
+pub fn encode_tuned(view: KvView<'_>, profile: Profile, tuning: &KvTuning) -> Result<Vec<u8>, CodecError> {
+    if KvTuning::of(profile).is_none() {
+        return Err(CodecError::UnknownProfile(format!(
+            "{profile} takes no kv tuning"
+        )));
+    }
+    tuning.check()?;
+    encode_inner(view, profile, Some(tuning))
+}
+
+fn encode_inner(
+    view: KvView<'_>,
+    profile: Profile,
+    tuning: Option<&KvTuning>,
+) -> Result<Vec<u8>, CodecError> {
     let shape = view.shape();
     let dtype = view.dtype();
     shape.checked_byte_len(dtype)?;
@@ -51,7 +73,7 @@ pub fn encode(view: KvView<'_>, profile: Profile) -> Result<Vec<u8>, CodecError>
         .map(|(i, layer)| {
             // `i < shape.layers <= LIMITS.max_layers`, so it fits in u32.
             let geom = geom(&shape, i as u32, shape.layers);
-            with_scratch(|scratch| profile.encode_layer(layer, dtype, &params, geom, scratch))
+            with_scratch(|scratch| profile.encode_layer(layer, dtype, &params, geom, tuning, scratch))
         })
         .collect::<Result<_, _>>()?;
     let header = Header {

@@ -537,8 +537,9 @@ mod tests {
         assert_eq!((plan.channels, plan.layers, plan.tokens), (16, 3, 75));
         assert_eq!(plan.input_bytes, (a.len() + b.len()) as u64);
         assert_eq!(plan.rans.parts.len(), 12);
-        // 70 tokens in 64-token blocks: 2 streams per part; 5 tokens: 1.
-        assert_eq!(plan.rans.streams.len(), 6 * 2 + 6);
+        // 70 tokens in four 18-token blocks (a multiple of four streams per part); 5 tokens
+        // in one block of at least 8.
+        assert_eq!(plan.rans.streams.len(), 6 * 4 + 6);
         for s in &plan.rans.streams {
             let end = s.data_offset + u64::from(s.data_len);
             assert!(end <= plan.input_bytes);

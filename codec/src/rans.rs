@@ -38,6 +38,18 @@ pub struct FreqTable {
     freq: Vec<u16>,
     /// `cum[s]` = sum of `freq[..s]`; one entry longer than `freq`.
     cum: Vec<u32>,
+    /// Per symbol, what the encoder needs: frequency, start and `floor(2^32 / freq)`;
+    /// [`MAX_SYMBOLS`] entries, zero beyond the table.
+    enc_padded: [EncSym; MAX_SYMBOLS],
+}
+
+/// One symbol's encoder entry: the division `x / freq` becomes a multiply by `rcp` and
+/// at most one correction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct EncSym {
+    freq: u32,
+    cum: u32,
+    rcp: u64,
 }
 
 impl FreqTable {
@@ -112,7 +124,19 @@ impl FreqTable {
                 "frequency table sums to {acc}, expected {PROB_SCALE}"
             )));
         }
-        Ok(FreqTable { freq, cum })
+        let mut enc_padded = [EncSym::default(); MAX_SYMBOLS];
+        for ((e, &f), &c) in enc_padded.iter_mut().zip(&freq).zip(&cum) {
+            *e = EncSym {
+                freq: u32::from(f),
+                cum: c,
+                rcp: if f > 0 { (1u64 << 32) / u64::from(f) } else { 0 },
+            };
+        }
+        Ok(FreqTable {
+            freq,
+            cum,
+            enc_padded,
+        })
     }
 
     /// Number of symbols.
@@ -174,30 +198,53 @@ pub fn encode(
     words: &mut Vec<u16>,
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
+    // Every renormalisation word is written (at most one per symbol, then the states),
+    // and the write position advances only when one is due: no branch per symbol.
     words.clear();
-    let mut states = [RANS_L; LANES];
-    // Hot path (encode): one division per symbol; lanes alternate, so consecutive
-    // iterations are independent and overlap in the pipeline.
-    for (i, &s) in symbols.iter().enumerate().rev() {
-        let s = usize::from(s);
-        let freq = table.freq(s);
-        if freq == 0 {
-            return Err(CodecError::Compression(format!(
-                "symbol {s} has no frequency in its table"
-            )));
-        }
-        let cum = table.cum[s];
-        let lane = i % LANES;
-        let mut x = states[lane];
+    words.resize(symbols.len() + 2 * LANES, 0);
+    let mut k = 0usize;
+    let mut bad = false;
+    let enc = &table.enc_padded;
+    // Hot path (encode): per symbol one table entry, a renormalisation and `x / freq` as
+    // a multiply by the reciprocal plus one correction (a hardware division costs tens of
+    // cycles). Symbols run backwards, lanes alternate: consecutive steps are independent,
+    // and the eight states stay in registers.
+    let mut step = |x: u32, s: u8| -> u32 {
+        let e = enc[usize::from(s) % MAX_SYMBOLS];
+        // Symbols without frequency (or beyond the table) are refused after the loop;
+        // until then the arithmetic wraps harmlessly.
+        bad |= e.freq == 0 || usize::from(s) >= MAX_SYMBOLS;
         // x_max = ((RANS_L >> PROB_BITS) << 16) * freq; as u64 since freq may be 4096.
-        let x_max = u64::from(freq) << (32 - PROB_BITS);
-        if u64::from(x) >= x_max {
-            words.push(x as u16);
-            x >>= 16;
-        }
-        x = ((x / freq) << PROB_BITS) + (x % freq) + cum;
-        states[lane] = x;
+        let need = u64::from(x) >= u64::from(e.freq) << (32 - PROB_BITS);
+        words[k] = x as u16;
+        k += usize::from(need);
+        let y = std::hint::select_unpredictable(need, x >> 16, x);
+        let (q, r) = div_rem(y, e);
+        (q << PROB_BITS).wrapping_add(r).wrapping_add(e.cum)
+    };
+    let mut st = [RANS_L; LANES];
+    let full = symbols.len() / LANES * LANES;
+    for (l, &s) in symbols[full..].iter().enumerate().rev() {
+        st[l] = step(st[l], s);
     }
+    let [mut x0, mut x1, mut x2, mut x3, mut x4, mut x5, mut x6, mut x7] = st;
+    for c in symbols[..full].chunks_exact(LANES).rev() {
+        x7 = step(x7, c[7]);
+        x6 = step(x6, c[6]);
+        x5 = step(x5, c[5]);
+        x4 = step(x4, c[4]);
+        x3 = step(x3, c[3]);
+        x2 = step(x2, c[2]);
+        x1 = step(x1, c[1]);
+        x0 = step(x0, c[0]);
+    }
+    let states = [x0, x1, x2, x3, x4, x5, x6, x7];
+    if bad {
+        return Err(CodecError::Compression(
+            "a symbol has no frequency in its table".into(),
+        ));
+    }
+    words.truncate(k);
     for &x in states.iter().rev() {
         words.push((x >> 16) as u16);
         words.push(x as u16);
@@ -207,6 +254,19 @@ pub fn encode(
         out.extend_from_slice(&w.to_le_bytes());
     }
     Ok(())
+}
+
+/// `(x / freq, x % freq)` for `freq > 0` without a division: `rcp = floor(2^32 / freq)`,
+/// so `x * rcp / 2^32` lies in `(x / freq - 1, x / freq]` (as `x < 2^32`); the estimate is
+/// the quotient or one less, and the remainder says which.
+#[inline(always)]
+fn div_rem(x: u32, e: EncSym) -> (u32, u32) {
+    // Wrapping: the encoder also runs this on entries without frequency (rcp 0) before
+    // it refuses them.
+    let q = ((u64::from(x) * e.rcp) >> 32) as u32;
+    let r = x.wrapping_sub(q.wrapping_mul(e.freq));
+    let fix = r >= e.freq;
+    (q + u32::from(fix), r.wrapping_sub(if fix { e.freq } else { 0 }))
 }
 
 /// A frequency table prepared for decoding: one packed entry per probability slot.
@@ -231,6 +291,11 @@ impl DecodeTable {
         DecodeTable { slots }
     }
 
+    /// The packed slots (for the vector decoder).
+    pub(crate) fn slots(&self) -> &[u32; PROB_SCALE as usize] {
+        &self.slots
+    }
+
     /// Rebuilds this table in place for `table` (no allocation).
     pub fn rebuild(&mut self, table: &FreqTable) {
         for s in 0..table.len() {
@@ -248,6 +313,7 @@ impl Default for DecodeTable {
         DecodeTable::new(&FreqTable {
             freq: vec![PROB_SCALE as u16],
             cum: vec![0, PROB_SCALE],
+            enc_padded: [EncSym::default(); MAX_SYMBOLS],
         })
     }
 }
@@ -257,42 +323,56 @@ impl Default for DecodeTable {
 /// Fails, without reading out of bounds, if the stream is too short, too long or does not
 /// end in the encoder's initial state.
 pub fn decode(stream: &[u8], table: &DecodeTable, out: &mut [u8]) -> Result<(), CodecError> {
+    decode_with(stream, table, out, &mut Vec::new())
+}
+
+/// [`decode`] with a caller's word buffer (reused between streams, so decoding does not
+/// allocate once warm).
+pub(crate) fn decode_with(
+    stream: &[u8],
+    table: &DecodeTable,
+    out: &mut [u8],
+    words: &mut Vec<u16>,
+) -> Result<(), CodecError> {
     if !stream.len().is_multiple_of(2) || stream.len() < 4 * LANES {
         return Err(CodecError::Corrupt(format!(
             "rANS stream of {} bytes",
             stream.len()
         )));
     }
-    let words = stream.len() / 2;
-    let word = |p: usize| -> u32 {
-        match stream.get(2 * p..2 * p + 2) {
-            Some(b) => u32::from(u16::from_le_bytes([b[0], b[1]])),
-            None => 0,
-        }
-    };
+    let (head, body) = stream.split_at(4 * LANES);
     let mut states = [0u32; LANES];
-    for (lane, x) in states.iter_mut().enumerate() {
-        *x = word(2 * lane) | (word(2 * lane + 1) << 16);
+    for (x, b) in states.iter_mut().zip(head.chunks_exact(4)) {
+        *x = u32::from(u16::from_le_bytes([b[0], b[1]])) | u32::from(u16::from_le_bytes([b[2], b[3]])) << 16;
         if *x < RANS_L {
             return Err(CodecError::Corrupt(
                 "rANS initial state below the normalised interval".into(),
             ));
         }
     }
-    let mut pos = 2 * LANES;
-    let slots = &table.slots;
-    let mask = PROB_SCALE - 1;
+    // The renormalisation words, plus one 0 that every read past the end lands on: a
+    // damaged stream may ask for more words than it has, and the final count check
+    // catches that without a branch per read.
+    let n = body.len() / 2;
+    words.clear();
+    words.extend(body.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])));
+    words.push(0);
+    let words = &words[..=n];
+    let slots = &*table.slots;
+    let mut pos = 0usize;
     // Hot path (decode): per symbol one table lookup, one multiply-add and a branch-free
     // refill (the refill is needed about once per 16 bits of output, at random: a branch
-    // there mispredicts often). The next word is always read, and taken with a select;
-    // reads past the end yield 0 and still advance `pos`, which the final check catches.
+    // there mispredicts often). The next word is always read, and taken with a select.
+    // `pos` keeps counting past the end, which the final check catches.
     let step = |x: &mut u32, pos: &mut usize| -> u8 {
-        let e = slots[(*x & mask) as usize];
+        let e = slots[(*x & (PROB_SCALE - 1)) as usize];
         let y = (e & 0x1FFF) * (*x >> PROB_BITS) + ((e >> 13) & 0xFFF);
-        let need = y < RANS_L;
-        let w = word(*pos);
-        *x = if need { (y << 16) | w } else { y };
-        *pos += usize::from(need);
+        let need = u32::from(y < RANS_L);
+        let w = u32::from(words[(*pos).min(n)]);
+        // Arithmetic select: written as `if`, the compiler emits a branch.
+        let mask = need.wrapping_neg();
+        *x = (y & !mask) | (((y << 16) | w) & mask);
+        *pos += need as usize;
         (e >> 25) as u8
     };
     let mut chunks = out.chunks_exact_mut(LANES);
@@ -304,9 +384,11 @@ pub fn decode(stream: &[u8], table: &DecodeTable, out: &mut [u8]) -> Result<(), 
     for (o, x) in chunks.into_remainder().iter_mut().zip(states.iter_mut()) {
         *o = step(x, &mut pos);
     }
-    if pos != words {
+    if pos != n {
         return Err(CodecError::Corrupt(format!(
-            "rANS stream has {words} words, decoding used {pos}"
+            "rANS stream has {} words, decoding used {}",
+            n + 2 * LANES,
+            pos + 2 * LANES
         )));
     }
     if states.iter().any(|&x| x != RANS_L) {
@@ -380,6 +462,34 @@ mod tests {
         let mut zero_n = b.clone();
         zero_n[0] = 0;
         assert!(FreqTable::read(&zero_n).is_err());
+    }
+
+    #[test]
+    fn reciprocal_division_is_exact() {
+        for freq in 1..=PROB_SCALE {
+            let e = EncSym {
+                freq,
+                cum: 0,
+                rcp: (1u64 << 32) / u64::from(freq),
+            };
+            // The encoder divides states below x_max = freq << 20; check around every
+            // multiple of freq near both ends and at a spread of points in between.
+            let x_max = (u64::from(freq) << 20).min(u64::from(u32::MAX));
+            let mut xs: Vec<u64> = (0..64).chain(x_max.saturating_sub(64)..x_max).collect();
+            xs.extend((1..200u64).map(|k| k * (x_max / 200) / u64::from(freq) * u64::from(freq)));
+            for x in xs {
+                for x in [x.saturating_sub(1), x, x + 1] {
+                    let x = x.min(u64::from(u32::MAX)) as u32;
+                    assert_eq!(div_rem(x, e), (x / freq, x % freq), "{x} / {freq}");
+                }
+            }
+        }
+        let e = EncSym {
+            freq: 3,
+            cum: 0,
+            rcp: (1u64 << 32) / 3,
+        };
+        assert_eq!(div_rem(u32::MAX, e), (u32::MAX / 3, u32::MAX % 3));
     }
 
     #[test]

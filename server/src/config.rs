@@ -107,6 +107,29 @@ pub struct Config {
     /// and acts for that token's tenant; otherwise the tenant comes from `x-kvault-tenant` (default `default`).
     #[arg(long)]
     pub tokens_file: Option<PathBuf>,
+    /// etcd endpoints (comma-separated): join the cluster there, registering this server's address and
+    /// capacity under a lease that is kept alive (and revoked on shutdown).
+    #[arg(long, env = "KVAULT_ETCD")]
+    pub etcd: Option<String>,
+    /// The cluster's key prefix in etcd.
+    #[arg(long, env = "KVAULT_ETCD_PREFIX", default_value = "/kvault")]
+    pub etcd_prefix: String,
+    /// URL clients reach this server at, registered in etcd and used as its placement id
+    /// (default: http://LISTEN, which needs a concrete --listen address).
+    #[arg(long, env = "KVAULT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Seconds the etcd lease lives without a refresh: how long a crashed server stays listed.
+    #[arg(long, default_value_t = 10)]
+    pub etcd_ttl_secs: u64,
+    /// Seconds over which this server's placement weight ramps up when it rejoins (its data
+    /// directory was a member under the same id before: a restart, a flapping node), so that it
+    /// takes its share of keys, and the misses and copies they bring, gradually (0: at once).
+    /// A new node takes its full share at once.
+    #[arg(long, default_value_t = 30)]
+    pub join_ramp_secs: u64,
+    /// Placement weight to register (default: the RAM + NVMe byte budgets).
+    #[arg(long)]
+    pub weight: Option<f64>,
 }
 
 #[cfg(test)]

@@ -46,6 +46,9 @@ pub enum ServerError {
     /// The server is shutting down.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// A flag combination the server cannot start with.
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 impl From<ServerError> for Status {
@@ -59,7 +62,7 @@ impl From<ServerError> for Status {
             ServerError::LayoutMismatch { .. } => Status::failed_precondition(msg),
             ServerError::TooLarge(_) | ServerError::NoSpace(_) => Status::resource_exhausted(msg),
             ServerError::Unauthenticated(_) => Status::unauthenticated(msg),
-            ServerError::Storage(_) => Status::internal(msg),
+            ServerError::Storage(_) | ServerError::Config(_) => Status::internal(msg),
             ServerError::ShuttingDown => Status::unavailable(msg),
         }
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::get;
+use kvault_membership::{NodeRecord, RegisterConfig, Registration};
 use kvault_proto::MAX_MESSAGE_BYTES;
 use kvault_proto::pb::kv_vault_server::KvVaultServer;
 use tokio::net::TcpListener;
@@ -33,6 +34,8 @@ pub struct Server {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     auth: Arc<Auth>,
+    /// The URL registered in etcd, when the server joins a cluster.
+    advertise: Option<String>,
     config: Config,
 }
 
@@ -111,6 +114,21 @@ impl Server {
             ),
             None => None,
         };
+        let advertise = match (&config.etcd, &config.advertise) {
+            (None, _) => None,
+            (Some(_), Some(a)) => Some(a.clone()),
+            (Some(_), None) => {
+                let l = grpc
+                    .local_addr()
+                    .map_err(|e| startup("gRPC listener address", e))?;
+                if l.ip().is_unspecified() {
+                    return Err(ServerError::Config(format!(
+                        "--listen {l} is not an address clients can reach: give --advertise URL with --etcd"
+                    )));
+                }
+                Some(format!("http://{l}"))
+            }
+        };
         tracing::info!(ram_bytes, shards, max_chunk_bytes = max_chunk, "store ready");
         Ok(Server {
             grpc,
@@ -118,6 +136,7 @@ impl Server {
             store,
             metrics,
             auth: Arc::new(auth),
+            advertise,
             config,
         })
     }
@@ -132,10 +151,52 @@ impl Server {
         self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The cluster registration `--etcd` asks for: this server's record
+    /// (advertised URL, capacity weight, join time and ramp) under a lease.
+    fn register(&self) -> Result<Option<Registration>, ServerError> {
+        let (Some(etcd), Some(addr)) = (&self.config.etcd, self.advertise.clone()) else {
+            return Ok(None);
+        };
+        let c = &self.config;
+        let weight = c.weight.unwrap_or((c.ram_bytes.0 + c.nvme_bytes.0) as f64);
+        // A data directory that was a member under this id before is a
+        // rejoin (a restart after a crash, a flapping node): its weight ramps
+        // up. A new node takes its full share of new writes at once.
+        let marker = c.data_dir.join("cluster-member");
+        let rejoin = std::fs::read_to_string(&marker).is_ok_and(|id| id.trim() == addr);
+        if !rejoin {
+            std::fs::write(&marker, format!("{addr}\n")).map_err(|e| startup("writing cluster-member", e))?;
+        }
+        let record = NodeRecord {
+            id: addr.clone(),
+            addr,
+            weight,
+            registered_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            ramp_ms: if rejoin {
+                c.join_ramp_secs.saturating_mul(1000)
+            } else {
+                0
+            },
+        };
+        tracing::info!(id = %record.id, weight, rejoin, ramp_ms = record.ramp_ms, "joining the cluster");
+        let r = Registration::start(RegisterConfig {
+            etcd: etcd.clone(),
+            prefix: c.etcd_prefix.clone(),
+            record,
+            ttl: std::time::Duration::from_secs(c.etcd_ttl_secs.max(1)),
+        })
+        .map_err(|e| ServerError::Config(format!("--etcd: {e}")))?;
+        Ok(Some(r))
+    }
+
     /// Serves until `shutdown` resolves, then stops accepting and drains
     /// in-flight requests.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        // Before the listeners move into their tasks: registering reads the bound address.
+        let registration = self.register()?;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<KvVaultServer<KvService>>().await;
 
@@ -201,6 +262,10 @@ impl Server {
         let reporter = health_reporter.clone();
         tokio::spawn(async move {
             shutdown.await;
+            // Leave first, so clients route around this server while it drains.
+            if let Some(r) = registration {
+                r.leave().await;
+            }
             tracing::info!("shutting down: draining in-flight requests");
             reporter.set_not_serving::<KvVaultServer<KvService>>().await;
             let _ = stop_tx.send(true);

@@ -14,8 +14,26 @@ use kvault_server::config::ByteSize;
 pub struct Config {
     /// Upstream server URLs, comma-separated; keys are spread over them by
     /// rendezvous placement (as the client library places them).
-    #[arg(long, value_delimiter = ',', required = true, env = "KVAULT_UPSTREAM")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "etcd",
+        env = "KVAULT_UPSTREAM"
+    )]
     pub upstream: Vec<String>,
+
+    /// etcd endpoints (comma-separated): the upstreams are the servers registered
+    /// there, followed as they join and leave (instead of --upstream).
+    #[arg(long, env = "KVAULT_ETCD", conflicts_with = "upstream")]
+    pub etcd: Option<String>,
+
+    /// The cluster's key prefix in etcd.
+    #[arg(long, env = "KVAULT_ETCD_PREFIX", default_value = "/kvault")]
+    pub etcd_prefix: String,
+
+    /// Replication factor of namespaces that etcd sets none for.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
 
     /// Unix socket to serve on (kvault.v1.KvVault and kvault.v1.Sidecar). Replaced if it exists.
     #[arg(long, env = "KVAULT_SIDECAR_SOCKET")]

@@ -11,12 +11,13 @@
 //! use: a shared-memory region ([`region`]) into which `GetInto` decodes
 //! chunks, with leases that expire so a crashed engine cannot leak it, and
 //! `Prefetch`. Upstream failures never stall callers: lookups answer within
-//! their deadline and a circuit breaker per upstream ([`breaker`]) keeps
-//! misses fast while a server is down.
+//! their deadline and a circuit breaker per upstream keeps
+//! misses fast while a server is down. The upstream set is a cluster handle of the
+//! client library ([`kvault_client::cluster`]): a static list, or the servers
+//! registered in etcd, followed as they join and leave.
 //!
 //! It is not a server: it stores nothing durably. Start at [`server::Sidecar`].
 
-pub mod breaker;
 pub mod chunks;
 pub mod config;
 pub mod metrics;

@@ -1,10 +1,11 @@
-//! Prometheus metrics of the sidecar: local cache hits and misses, upstream
-//! calls by outcome, breaker state per upstream, lookups answered from local
-//! knowledge, shared-region slots and leases, request latency.
+//! Prometheus metrics of the sidecar: local cache hits and misses, lookups
+//! answered from local knowledge, shared-region slots and leases, request
+//! latency. The upstream cluster handle registers its own here
+//! (`kvault_sidecar_upstream_*`: calls by node and outcome, breakers, the
+//! node set and whether etcd is current).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 use kvault_server::metrics::TierCounters;
@@ -17,12 +18,6 @@ pub struct Metrics {
     registry: Registry,
     /// Local RAM cache counters (handed to the server's RAM tier code).
     pub local: TierCounters,
-    /// Upstream calls by upstream, operation and outcome.
-    pub upstream_calls: IntCounterVec,
-    /// Breaker position per upstream (0 closed, 1 open, 2 half-open).
-    pub breaker_state: IntGaugeVec,
-    /// Times a breaker opened, per upstream.
-    pub breaker_opened: IntCounterVec,
     /// Lookups answered from local knowledge because upstream was slow or down.
     pub lookup_degraded: IntCounter,
     /// Chunks fetched from upstream into the local cache.
@@ -74,14 +69,6 @@ impl Metrics {
             must(registry.register(Box::new(g.clone())));
             g
         };
-        let breaker_state = must(IntGaugeVec::new(
-            Opts::new(
-                "upstream_breaker_state",
-                "Circuit breaker per upstream: 0 closed, 1 open, 2 half-open",
-            ),
-            &["upstream"],
-        ));
-        must(registry.register(Box::new(breaker_state.clone())));
         let latency = must(HistogramVec::new(
             HistogramOpts::new("request_duration_seconds", "Request latency by method")
                 .buckets(prometheus::exponential_buckets(10e-6, 2.0, 20).expect("static buckets")),
@@ -97,17 +84,6 @@ impl Metrics {
                 ),
                 evictions: counter("local_evictions_total", "Chunks evicted from the local RAM cache"),
             },
-            upstream_calls: counter_vec(
-                "upstream_calls_total",
-                "Upstream calls by upstream, operation and outcome (ok, refused, unavailable, timeout, breaker_open)",
-                &["upstream", "op", "outcome"],
-            ),
-            breaker_state,
-            breaker_opened: counter_vec(
-                "upstream_breaker_opened_total",
-                "Times an upstream's circuit breaker opened",
-                &["upstream"],
-            ),
             lookup_degraded: counter(
                 "lookup_degraded_total",
                 "Lookups answered from local knowledge because upstream was slow or down",
@@ -143,6 +119,11 @@ impl Metrics {
             region_runs: gauge("region_runs", "Decoded runs kept in the shared region for reuse"),
             registry,
         }
+    }
+
+    /// The registry (the upstream cluster handle registers its metrics here).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Records one request's outcome and latency.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
+use kvault_client::Membership;
 use kvault_proto::MAX_MESSAGE_BYTES;
 use kvault_proto::pb::kv_vault_server::KvVaultServer;
 use kvault_proto::pb::sidecar_server::SidecarServer;
@@ -64,15 +65,23 @@ impl Sidecar {
     /// Creates the region, connects (lazily) to the upstreams and binds the listeners.
     pub async fn bind(config: Config) -> Result<Sidecar, SidecarError> {
         let metrics = Arc::new(Metrics::new());
+        let membership = match &config.etcd {
+            Some(e) => Membership::Etcd {
+                endpoints: e.clone(),
+                prefix: config.etcd_prefix.clone(),
+            },
+            None => Membership::Static(config.upstream.clone()),
+        };
         let upstreams = Upstreams::new(
             UpstreamConfig {
-                urls: config.upstream.clone(),
+                membership,
+                replicas: config.replicas,
                 token: config.token.clone(),
                 breaker_failures: config.breaker_failures,
                 breaker_cool_down: Duration::from_millis(config.breaker_cool_down_ms),
                 transfer_timeout: Duration::from_millis(config.transfer_timeout_ms.max(1)),
             },
-            metrics.clone(),
+            &metrics,
         )
         .await
         .map_err(|e| startup("upstreams", e))?;
@@ -132,7 +141,7 @@ impl Sidecar {
             region: region.clone(),
         });
         tracing::info!(
-            upstreams = config.upstream.len(),
+            upstreams = %config.etcd.as_ref().map_or_else(|| config.upstream.join(","), |e| format!("etcd {e}")),
             ram_bytes = config.ram_bytes.0,
             shm_bytes = region.as_ref().map_or(0, |r| r.len()),
             "sidecar ready"

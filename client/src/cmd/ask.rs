@@ -14,7 +14,9 @@ use anyhow::{Context, bail};
 use clap::Args;
 use kvault_client::model::{LlamaModel, Session};
 use kvault_client::prefix::place_tokens;
-use kvault_client::{Client, Layout};
+use kvault_client::{ChunkStore, Layout};
+
+use super::Store;
 use kvault_codec::{Dtype, KvShape, KvTensor};
 
 use super::ServerArgs;
@@ -115,8 +117,8 @@ pub struct Fetched {
 }
 
 /// Looks up, fetches and decodes the longest stored prefix of `ids`,
-/// timing each step (what [`Client::get_prefix`] does in one call).
-pub async fn fetch_prefix(client: &Client, layout: &Layout, ids: &[u32]) -> anyhow::Result<Fetched> {
+/// timing each step (what [`ChunkStore::get_prefix`] does in one call).
+pub async fn fetch_prefix(client: &impl ChunkStore, layout: &Layout, ids: &[u32]) -> anyhow::Result<Fetched> {
     let ct = layout.chunk_tokens as usize;
     let t = Instant::now();
     let keys = kvault_client::chain_keys(&layout.namespace_id(), ids, ct);
@@ -185,14 +187,14 @@ pub enum Mode {
 /// KV never moves; each layer of each step sends queries and gets partials.
 async fn ask_offloaded(
     model: &LlamaModel,
-    client: &Client,
+    client: &Store,
     layout: &Layout,
     ids: &[u32],
     q: &[u32],
     max_new: usize,
 ) -> anyhow::Result<AskReport> {
     use kvault_client::attend::model::ServerAttention;
-    use kvault_client::attend::{AttendFormat, Offload, Shard};
+    use kvault_client::attend::{AttendFormat, Offload};
     use std::sync::atomic::Ordering;
     let ct = layout.chunk_tokens as usize;
     let mut ttft = Ttft::default();
@@ -208,11 +210,8 @@ async fn ask_offloaded(
     let tokens = (found * ct).min(ids.len());
     // Opening makes the server fetch and decode the chunks: the offload's "fetch".
     let t = Instant::now();
-    let mut off = Offload::connect(std::slice::from_ref(client)).await?;
-    let shards = [Shard {
-        server: 0,
-        chunks: 0..found,
-    }];
+    let (servers, shards) = client.attend_shards(layout, &keys[..found])?;
+    let mut off = Offload::connect(&servers).await?;
     let prefix = off
         .open_prefix(layout, &keys[..found], tokens, &shards, AttendFormat::F16)
         .await?;
@@ -246,7 +245,7 @@ async fn ask_offloaded(
 /// holds the prefix (unless `mode` says recompute), fetched or attended on the server.
 pub async fn ask(
     model: &LlamaModel,
-    client: &Client,
+    client: &Store,
     layout: &Layout,
     ids: &[u32],
     prompt: &str,

@@ -1,6 +1,11 @@
-//! `kvault bench codec`: every codec profile side by side on a real KV cache (the model
-//! runner's prefill of the input texts): size, error, perplexity change, and CPU encode
-//! and decode throughput (GB/s of fp16) at each thread count.
+//! `kvault bench codec`: every codec profile side by side on real KV caches (the model
+//! runner's prefill of the input texts): size, error, quality (Δppl and the KL divergence
+//! of next-token distributions, see `codec_eval.rs`), and CPU encode and decode throughput
+//! (GB/s of fp16) at each thread count.
+//!
+//! The texts are concatenated and cut into windows of `--tokens` + `--cont-tokens` tokens,
+//! back to back; sizes, errors and quality are pooled over all windows, speeds are timed on
+//! the first window's cache.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,22 +15,25 @@ use clap::Args;
 use kvault_client::model::LlamaModel;
 use kvault_codec::{Dtype, Profile};
 
-use super::codec_eval::{decode_chunks, encode_chunks, real_kv, rel_l2};
+use super::codec_eval::{L2, Reference, Variant, Windows, decode_chunks, encode_chunks, real_kv, windows};
 
 #[derive(Debug, Args)]
 pub struct BenchCodecArgs {
     /// GGUF model (Llama architecture).
     #[arg(long, default_value = ".models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     pub model: PathBuf,
-    /// Text files, concatenated, whose KV cache is measured.
+    /// Text files, concatenated, whose KV caches are measured.
     #[arg(long, required = true, num_args = 1..)]
     pub input: Vec<PathBuf>,
-    /// Tokens of KV cache to measure (fewer if the texts are short).
+    /// Tokens of KV cache per window (fewer if the texts are short).
     #[arg(long, default_value_t = 1024)]
     pub tokens: usize,
-    /// Tokens after them scored for the perplexity column.
-    #[arg(long, default_value_t = 128)]
+    /// Tokens after each window's cache scored for the quality columns.
+    #[arg(long, default_value_t = 256)]
     pub cont_tokens: usize,
+    /// Windows at most (as many as the texts hold).
+    #[arg(long, default_value_t = 1)]
+    pub windows: usize,
     /// Chunk sizes in tokens, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "256,1024")]
     pub chunk_tokens: Vec<u32>,
@@ -52,6 +60,15 @@ fn time(seconds: f64, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Resu
     Ok(t.elapsed().as_secs_f64() / f64::from(n))
 }
 
+/// One row of the table: a profile at a chunk size, pooled over windows.
+#[derive(Default)]
+struct Row {
+    bytes: usize,
+    fp16: usize,
+    l2: L2,
+    quality: Windows,
+}
+
 pub fn run(a: BenchCodecArgs) -> anyhow::Result<()> {
     let model = LlamaModel::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     let mut text = String::new();
@@ -59,46 +76,86 @@ pub fn run(a: BenchCodecArgs) -> anyhow::Result<()> {
         text.push_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?);
         text.push_str("\n\n");
     }
-    let real = real_kv(&model, &text, a.tokens, a.cont_tokens)?;
-    let base = model.perplexity(&real.kv, &real.continuation)?;
+    let profiles = Variant::list(&a.profiles, &[]);
+    let wins = windows(&model, &text, a.tokens, a.cont_tokens, a.windows)?;
+    let mut rows: Vec<Row> = (0..a.chunk_tokens.len() * profiles.len())
+        .map(|_| Row::default())
+        .collect();
+    let mut first = None;
+    let mut base = Windows::default();
+    for (w, (prefix, cont)) in wins.iter().enumerate() {
+        eprintln!(
+            "window {}/{}: prefill of {} tokens",
+            w + 1,
+            wins.len(),
+            prefix.len()
+        );
+        let real = real_kv(&model, prefix, cont)?;
+        let reference = Reference::new(&model, &real)?;
+        // The original cache scored against itself: KL 0, Δppl 0 (a check on the harness).
+        base.push(reference.score(&model, &real.kv, &real.continuation)?);
+        for (ci, &chunk) in a.chunk_tokens.iter().enumerate() {
+            for (pi, p) in profiles.iter().enumerate() {
+                let row = &mut rows[ci * profiles.len() + pi];
+                let blobs = encode_chunks(&real.kv, p, chunk)?;
+                row.bytes += blobs.iter().map(Vec::len).sum::<usize>();
+                row.fp16 += real.kv.data().len();
+                let back = decode_chunks(&real.kv, &blobs, chunk)?;
+                row.l2.add(&real.kv, &back)?;
+                row.quality
+                    .push(reference.score(&model, &back, &real.continuation)?);
+            }
+        }
+        if first.is_none() {
+            first = Some(real);
+        }
+    }
+    let Some(real) = first else {
+        anyhow::bail!("no window to measure");
+    };
     let fp16 = real.kv.data().len();
+    let scored = base.total();
     println!(
-        "real KV of {} ({} tokens, shape {}, {:.1} MB fp16); continuation ppl {base:.4} over {} tokens",
+        "real KV of {}: {} windows of {} + {} tokens (shape of the first {}, {:.1} MB fp16); \
+         original ppl {:.4} over {} scored tokens; original vs itself: Δppl {}, KL {}",
         a.model.display(),
+        wins.len(),
         real.kv.shape().tokens,
+        a.cont_tokens,
         real.kv.shape(),
         fp16 as f64 / 1e6,
-        a.cont_tokens
+        scored.ppl_ref(),
+        scored.tokens_scored(),
+        base.dppl_cell(),
+        base.kl_cell(),
     );
-    let profiles = if a.profiles.is_empty() {
-        Profile::ALL.to_vec()
-    } else {
-        a.profiles.clone()
-    };
-    let mut head = "| profile | chunk | ratio vs fp16 | bits/elem | rel L2 K | rel L2 V | Δppl |".to_string();
+    println!("speeds: GB/s of fp16 KV, timed on the first window's cache");
+    println!();
+    let mut head =
+        "| profile | chunk | ratio vs fp16 | bits/elem | rel L2 K | rel L2 V | Δppl | KL nats/token |"
+            .to_string();
     for t in &a.threads {
         head.push_str(&format!(" enc GB/s {t}T | dec GB/s {t}T |"));
     }
     println!("{head}");
-    println!("{}", "|---".repeat(7 + 2 * a.threads.len()) + "|");
+    println!("{}", "|---".repeat(8 + 2 * a.threads.len()) + "|");
     let pools: Vec<rayon::ThreadPool> = a
         .threads
         .iter()
         .map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build())
         .collect::<Result<_, _>>()?;
-    for &chunk in &a.chunk_tokens {
-        for &p in &profiles {
-            let blobs = encode_chunks(&real.kv, p, chunk)?;
-            let bytes: usize = blobs.iter().map(Vec::len).sum();
-            let back = decode_chunks(&real.kv, &blobs, chunk)?;
-            let (ek, ev) = rel_l2(&real.kv, &back)?;
-            let ppl = model.perplexity(&back, &real.continuation)?;
-            let mut row = format!(
-                "| {p} | {chunk} | {:.2}x | {:.3} | {ek:.4} | {ev:.4} | {:+.3}% |",
-                fp16 as f64 / bytes as f64,
-                bytes as f64 * 16.0 / fp16 as f64,
-                100.0 * (ppl - base) / base
+    for (ci, &chunk) in a.chunk_tokens.iter().enumerate() {
+        for (pi, p) in profiles.iter().enumerate() {
+            let r = &rows[ci * profiles.len() + pi];
+            let (ek, ev) = r.l2.rel();
+            let mut line = format!(
+                "| {p} | {chunk} | {:.2}x | {:.3} | {ek:.4} | {ev:.4} | {} | {} |",
+                r.fp16 as f64 / r.bytes as f64,
+                r.bytes as f64 * 16.0 / r.fp16 as f64,
+                r.quality.dppl_cell(),
+                r.quality.kl_cell(),
             );
+            let blobs = encode_chunks(&real.kv, p, chunk)?;
             let shapes: Vec<usize> = blobs
                 .iter()
                 .map(|b| {
@@ -119,13 +176,38 @@ pub fn run(a: BenchCodecArgs) -> anyhow::Result<()> {
                         Ok(())
                     })
                 })?;
-                row.push_str(&format!(
+                line.push_str(&format!(
                     " {:.2} | {:.2} |",
                     fp16 as f64 / enc / 1e9,
                     fp16 as f64 / dec / 1e9
                 ));
             }
-            println!("{row}");
+            println!("{line}");
+        }
+    }
+    // The issue's comparison: the default lossy profile against cachegen-baseline.
+    let find = |ci: usize, p: Profile| {
+        profiles
+            .iter()
+            .position(|q| q.profile() == Some(p))
+            .map(|pi| &rows[ci * profiles.len() + pi])
+    };
+    println!();
+    for (ci, &chunk) in a.chunk_tokens.iter().enumerate() {
+        if let (Some(ours), Some(cg)) = (
+            find(ci, Profile::DEFAULT_LOSSY),
+            find(ci, Profile::CachegenBaseline),
+        ) {
+            let (qo, qc) = (ours.quality.total(), cg.quality.total());
+            println!(
+                "chunk {chunk}: {} is {:.2}x smaller than cachegen-baseline; Δppl {:+.3}% vs {:+.3}%, KL {:.5} vs {:.5}",
+                Profile::DEFAULT_LOSSY,
+                cg.bytes as f64 / ours.bytes as f64,
+                100.0 * qo.dppl(),
+                100.0 * qc.dppl(),
+                qo.kl(),
+                qc.kl(),
+            );
         }
     }
     Ok(())

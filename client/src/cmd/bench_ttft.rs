@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use kvault_client::Client;
+use kvault_client::ChunkStore;
 use kvault_client::local_server::LocalServer;
 use kvault_client::model::LlamaModel;
 use kvault_codec::Profile;
@@ -102,8 +102,8 @@ pub fn corpus_tokens(model: &LlamaModel, docs: &[Document], n: usize) -> anyhow:
 pub async fn bench(
     a: &BenchTtftArgs,
     model: &LlamaModel,
-    client: &Client,
-    nvme: Option<&Client>,
+    client: &impl ChunkStore,
+    nvme: Option<&impl ChunkStore>,
     docs: &[Document],
 ) -> anyhow::Result<Vec<TtftRow>> {
     let layout = model.layout(&default_model_id(&a.model), a.chunk_tokens);
@@ -284,28 +284,10 @@ pub async fn run(a: BenchTtftArgs) -> anyhow::Result<()> {
         }
     };
     let nvme_client = match &nvme_server {
-        Some(n) => Some(
-            ServerArgs {
-                server: n.url(),
-                sidecar: None,
-                tenant: None,
-                token: None,
-                timeout: 300,
-            }
-            .connect()
-            .await?,
-        ),
+        Some(n) => Some(ServerArgs::url(n.url(), 300).connect().await?),
         None => None,
     };
-    let client = ServerArgs {
-        server: url,
-        sidecar: None,
-        tenant: None,
-        token: None,
-        timeout: 300,
-    }
-    .connect()
-    .await?;
+    let client = ServerArgs::url(url, 300).connect().await?;
     let rows = bench(&a, &model, &client, nvme_client.as_ref(), &docs).await?;
     print_table(&rows, model.config().context_length, a.profile);
     if let Some(s) = server {

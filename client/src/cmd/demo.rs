@@ -87,13 +87,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         server.pid(),
         server.url()
     );
-    let srv = ServerArgs {
-        server: server.url(),
-        sidecar: None,
-        tenant: None,
-        token: None,
-        timeout: 120,
-    };
+    let srv = ServerArgs::url(server.url(), 120);
     let client = srv.connect().await?;
 
     let t = std::time::Instant::now();

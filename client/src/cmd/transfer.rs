@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 use kvault_client::prefix::PutSummary;
-use kvault_client::{ChunkKey, Layout, kv_file};
+use kvault_client::{ChunkKey, ChunkStore, Layout, kv_file};
 use kvault_codec::{Dtype, Profile};
 
 use super::ServerArgs;
@@ -97,8 +97,8 @@ pub async fn import(a: ImportArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&s)?);
     } else {
         println!(
-            "chunks={} new={} stored_bytes={} fp16_bytes={}",
-            s.chunks, s.new, s.stored_bytes, s.fp16_bytes
+            "chunks={} new={} stored_bytes={} fp16_bytes={} unavailable={}",
+            s.chunks, s.new, s.stored_bytes, s.fp16_bytes, s.unavailable
         );
     }
     Ok(())

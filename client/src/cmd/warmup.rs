@@ -16,7 +16,7 @@ use bytes::Bytes;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kvault_client::model::LlamaModel;
-use kvault_client::{Client, Layout, kv_file};
+use kvault_client::{ChunkStore, Layout, kv_file};
 use kvault_codec::{Dtype, KvTensor, Profile};
 
 use super::ServerArgs;
@@ -76,6 +76,8 @@ pub struct WarmupReport {
     pub prefill_secs: f64,
     /// Chunks stored.
     pub chunks_stored: usize,
+    /// Chunks not stored because their cluster node was down.
+    pub chunks_unavailable: usize,
     /// Encoded bytes stored.
     pub bytes_stored: u64,
     /// The same chunks in fp16.
@@ -195,7 +197,7 @@ fn progress(total: u64, quiet: bool) -> ProgressBar {
 pub async fn warmup(
     a: &WarmupArgs,
     model: &LlamaModel,
-    client: &Client,
+    client: &impl ChunkStore,
     docs: &[Document],
 ) -> anyhow::Result<WarmupReport> {
     let t0 = Instant::now();
@@ -235,7 +237,7 @@ pub async fn warmup(
 #[allow(clippy::too_many_arguments)]
 async fn warm_one(
     model: &LlamaModel,
-    client: &Client,
+    client: &impl ChunkStore,
     layout: &Layout,
     ids: &[u32],
     profile: Profile,
@@ -271,8 +273,15 @@ async fn warm_one(
         let blob = cpu(|| kvault_codec::encode(chunk.view(), profile))?;
         report.bytes_stored += blob.len() as u64;
         report.fp16_bytes += (chunk.data().len() / layout.dtype.size() * 2) as u64;
-        client.put(layout, key, Bytes::from(blob)).await?;
-        report.chunks_stored += 1;
+        match client.put(layout, key, Bytes::from(blob)).await {
+            Ok(_) => report.chunks_stored += 1,
+            // A cluster node that is down: the chunk stays uncached, the warmup goes on.
+            Err(kvault_client::ClientError::Unavailable(m)) if client.is_cluster() => {
+                tracing::warn!(key = %key, error = %m, "chunk owner unavailable: not stored");
+                report.chunks_unavailable += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
         bar.inc((t1 - t0) as u64);
         bar.set_message(format!(
             "{:.1} MB stored, {} chunks",
@@ -326,6 +335,12 @@ pub fn print_report(r: &WarmupReport) {
             r.bytes_stored,
             r.fp16_bytes,
             r.fp16_bytes as f64 / r.bytes_stored.max(1) as f64
+        );
+    }
+    if r.chunks_unavailable > 0 {
+        println!(
+            "not stored: {} chunks (their cluster node was down)",
+            r.chunks_unavailable
         );
     }
     for (id, why) in &r.refused {

@@ -246,29 +246,45 @@ impl LlamaModel {
     /// a KV cache does not carry the prefix's last logits, so nothing here
     /// predicts the first token. Needs at least two tokens.
     pub fn perplexity(&self, prefix_kv: &KvTensor, continuation: &[u32]) -> Result<f64, ModelError> {
+        let mut nll = 0.0;
+        self.continuation_logits(prefix_kv, continuation, |i, row| {
+            nll -= llama::log_prob(row, continuation[i + 1] as usize);
+        })?;
+        Ok((nll / (continuation.len() - 1) as f64).exp())
+    }
+
+    /// Runs `continuation` after the prefix cache `prefix_kv` and calls
+    /// `each(i, logits)` with the logits that predict `continuation[i + 1]`,
+    /// for every `i < continuation.len() - 1`, in order: what perplexity and
+    /// the codec harness's divergences are computed from. Only one step's
+    /// logits are held at a time. Needs at least two tokens.
+    pub fn continuation_logits(
+        &self,
+        prefix_kv: &KvTensor,
+        continuation: &[u32],
+        mut each: impl FnMut(usize, &[f32]),
+    ) -> Result<(), ModelError> {
         if continuation.len() < 2 {
             return Err(ModelError::BadInput(
-                "perplexity needs at least two continuation tokens".into(),
+                "scoring needs at least two continuation tokens".into(),
             ));
         }
         let mut s = self.session(Some(prefix_kv))?;
         self.check_tokens(s.len(), continuation.len())?;
-        let mut nll = 0.0;
         let mut done = 0;
-        // Step by step, so that only one step's logits are held at once.
         while done < continuation.len() {
             let room = STEP_TOKENS - s.cache.len % STEP_TOKENS;
             let step = &continuation[done..(done + room).min(continuation.len())];
             let out = self.llama.forward(step, &mut s.cache, Logits::All, None)?;
             let out = out.ok_or_else(|| ModelError::BadInput("no logits".into()))?;
             for (i, row) in llama::rows(&out)?.iter().enumerate() {
-                if let Some(next) = continuation.get(done + i + 1) {
-                    nll -= llama::log_prob(row, *next as usize);
+                if done + i + 1 < continuation.len() {
+                    each(done + i, row);
                 }
             }
             done += step.len();
         }
-        Ok((nll / (continuation.len() - 1) as f64).exp())
+        Ok(())
     }
 
     /// Turns a canonical KV tensor (any dtype) into the runner's cache.

@@ -4,20 +4,18 @@
 //! Per layer:
 //! - **Keys per channel, values per token** (KIVI, KVQuant): each key channel (over the
 //!   chunk's tokens) and each value token (over its channels) is a *group* with its own
-//!   zero point (the group mean, rounded to a multiple of its step Δ). Value tokens get
-//!   their own step `Δ = f · σ` (σ = the token's RMS deviation from its mean), following
-//!   token magnitudes. Key channels share one step per (layer, K): `Δ = f · σ_pool`, σ_pool
-//!   the RMS over channels of their deviations. What attention feels of a key error is
-//!   `q · δk`, and queries are large in the same channels as keys (the low-frequency RoPE
-//!   pairs), so per-channel steps proportional to each channel's σ put the largest errors
-//!   exactly where they cost most; one shared step measured better on SmolLM2 (at 2.27-2.29
-//!   bits per element: +2.9% mean perplexity change with the shared step against +8.1% with
-//!   per-channel steps, `kvault codec-eval` on the four bundled texts, 256 scored tokens
-//!   each). Per-channel zero points still remove the channels' offsets.
-//! - **Bit widths by layer group**: the step factor `f` is halved (about one bit more)
-//!   for the first ⌈L/6⌉ key layers and the first ⌈L/15⌉ value layers, where CacheGen and
-//!   KVQuant found loss hurts most. The steps chosen are written into each layer's payload,
-//!   so the decoder needs no schedule.
+//!   zero point (the group mean, rounded to a multiple of its step Δ) and its own step
+//!   byte. How the steps are chosen is the encoder's business ([`KvTuning`]); the profiles
+//!   use: one step for every key channel of a layer, `Δ = f_K · σ_pool` (σ_pool the RMS
+//!   over channels of their deviations: what attention feels of a key error is `q · δk`,
+//!   and queries are large in the same channels as keys, so steps proportional to each
+//!   channel's σ put the largest errors where they cost most), and per value token
+//!   `Δ = f_V · σ_pool · (σ_t / σ_pool)^1.5` (σ_t the token's RMS deviation from its mean,
+//!   σ_pool their RMS over the chunk's tokens).
+//! - The choices were measured on real SmolLM2-135M caches by the KL divergence of the
+//!   model's next-token distributions (`kvault codec-eval`); see [`KvTuning::of`]. A layer
+//!   group with finer steps (CacheGen's, KVQuant's first layers) can be set in the tuning;
+//!   on SmolLM2 it did not pay, and the profiles leave it off.
 //! - **Symbols**: `q = round(x / Δ)`, residual `r = q - m` (m = zero point in steps). The
 //!   alphabet is `r ∈ [-M, M]` plus one escape symbol, with `M ≤ 31` chosen per (layer,
 //!   K/V) to minimise the estimated size. **Outliers are never clipped**: a residual beyond
@@ -27,28 +25,33 @@
 //!   groups (after per-group normalisation the groups' residuals share one distribution;
 //!   the table costs `1 + 2(2M+2)` bytes against CacheGen's `66 · channels`); symbols in
 //!   canonical `[token][channel]` order, cut into blocks of `block_tokens` tokens, each
-//!   block an independent 8-lane rANS stream, so blocks decode in parallel.
+//!   block an independent 8-lane rANS stream, so blocks decode in parallel (on x86-64 with
+//!   AVX2 and F16C, `kv_avx2.rs` decodes a stream's eight lanes as one vector and four
+//!   streams side by side, dequantizing as it goes; same bytes as the portable path).
 //! - Step sizes are `Δ(e) = MANT[e mod 4] · 2^(e div 4 - 40)` for a byte `e` (a quarter-
 //!   octave grid from 2^-40 to 2^24): exact in f32, so every decoder computes the same
 //!   bits. A step is raised when needed so that `max |x| / Δ ≤ 2^29` (residuals fit i32).
 //!
 //! Decoding computes `x̂ = (r + m) · Δ` in f32.
 //!
-//! **Error bound** (all three profiles): `|x - x̂| ≤ Δ/2 + 2^-22 · |x|` for every
-//! element, with Δ the step of the element's group, plus the rounding of the output dtype
-//! when it is narrower than f32. With Gaussian-like groups that is an RMS error of about
-//! `0.29 · f · σ`, with `f` for (keys, values): (0.35, 0.8) in `kv-hi`, (0.6, 1.8) in
-//! `kv-mid`, (0.8, 2.4) in `kv-lo` (halved in the early layer group).
+//! **Error bound** (every tuning): `|x - x̂| ≤ Δ/2 + 2^-22 · |x|` for every element,
+//! with Δ the step of the element's group, plus the rounding of the output dtype when it
+//! is narrower than f32. With Gaussian-like groups that is an RMS error of about
+//! `0.29 · Δ`, with `(f_K, f_V)` = (0.38, 0.66) in `kv-hi`, (0.9, 1.2) in `kv-mid`,
+//! (1.2, 1.6) in `kv-lo`.
 //!
 //! Header parameters (5 bytes): format 1, probability bits 12, lanes 8, `block_tokens`
 //! (u16). Layer payload, for K then V:
 //! `kind` (u8: 0 = groups are channels, 1 = groups are tokens), one step byte `e` per
 //! group, one zigzag varint `m` per group, `M` (u8), the frequency table, then per block:
 //! varint rANS byte length, varint escape byte length, the rANS stream, the escapes.
+//! Retuning changed no byte of this format: the GPU decoder and the planner are as before.
 //!
 //! Not done (measured or not yet worth it): delta coding across tokens (CacheGen#6
-//! measured it larger at equal accuracy) and pre-RoPE keys (the codec does not see RoPE
-//! parameters yet).
+//! measured it larger at equal accuracy), pre-RoPE keys (the codec does not see RoPE
+//! parameters or positions, and un-rotating bit-exactly on CPU and GPU needs a shared
+//! rotation table), and frequency tables per channel class or value groups per (token,
+//! head), which would need a new format version.
 
 use crate::error::CodecError;
 use crate::plan::{LayerPlace, RansPart, RansPlan, RansStream, index, input_offset};
@@ -66,6 +69,8 @@ const FORMAT: u8 = 1;
 /// an H200, `kvault-gpu-bench`: 376 GB/s of fp16 output with 16 K-symbol streams, 432 GB/s
 /// with 8 K, for 0.6% more bytes; the GPU decoder is latency-bound).
 const STREAM_SYMBOLS: usize = 8 * 1024;
+/// Streams the CPU vector decoder takes side by side (`kv_avx2::MAX_STREAMS`).
+const STREAMS_TOGETHER: usize = 4;
 /// Bounds of the tokens per stream the encoder picks.
 const BLOCK_TOKENS: (usize, usize) = (8, 64);
 /// Largest residual magnitude with its own symbol (alphabet `2M + 2 <= 64`).
@@ -86,39 +91,105 @@ pub(crate) fn step(e: u8) -> f32 {
     MANT[usize::from(e & 3)] * f32::from_bits(((exp + 127) as u32) << 23)
 }
 
-/// Step factors (in units of σ: pooled over channels for keys, per token for values) for
-/// (keys, values) of a profile.
-///
-/// Chosen on real SmolLM2-135M caches (`kvault codec-eval`, docs/figures.md): perplexity
-/// is far more sensitive to key error than to value error (keys pass through the softmax;
-/// value errors average out over the attended tokens), so keys get fine steps and values
-/// coarse ones. `kv-hi` is the near-lossless level (about 5x, under 0.5% perplexity
-/// change), `kv-mid` the default (about 2x smaller than `cachegen-baseline` at lower
-/// perplexity change), `kv-lo` the aggressive one.
-fn step_factors(profile: Profile) -> (f64, f64) {
-    match profile {
-        Profile::KvHi => (0.35, 0.8),
-        Profile::KvMid => (0.6, 1.8),
-        _ => (0.8, 2.4),
-    }
+/// The encoder's choices for the `kv-*` profiles: how coarse the quantization steps are,
+/// per layer and for keys and values. Every choice is written into the container (one
+/// step per group), so any tuning decodes with the same decoders, CPU and GPU; the
+/// profiles are fixed tunings ([`KvTuning::of`]), and [`crate::encode_tuned`] encodes with
+/// another one (for rate-distortion experiments such as `kvault codec-eval --tune`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvTuning {
+    /// Step of key channels in units of the RMS over channels of their deviations.
+    pub key_factor: f64,
+    /// Step of each value token in units of its own RMS deviation.
+    pub value_factor: f64,
+    /// Key layers `0..ceil(L * early_keys)` get `early_scale` times the key factor.
+    pub early_keys: f64,
+    /// Value layers `0..ceil(L * early_values)` get `early_scale` times the value factor.
+    pub early_values: f64,
+    /// Factor multiplier of the early layer group (0.5: about one bit more).
+    pub early_scale: f64,
+    /// How key steps follow each channel's own spread: channel `c` gets
+    /// `key_factor * σ_pool * (σ_c / σ_pool)^key_power` (σ_pool: the RMS over channels of
+    /// their σ; the ratio is clamped to `[2^-8, 2^8]`). 0 is one step for all channels.
+    pub key_power: f64,
+    /// The same for value tokens: 1 is a step proportional to each token's own σ.
+    pub value_power: f64,
 }
 
-/// The factor for one part of a layer: finer steps for the early layer group.
-fn layer_factor(profile: Profile, geom: &LayerGeom, is_value: bool) -> f64 {
-    let early = if is_value {
-        geom.total_layers.div_ceil(15)
-    } else {
-        geom.total_layers.div_ceil(6)
-    };
-    let (fk, fv) = step_factors(profile);
-    let f = if is_value { fv } else { fk };
-    if geom.index < early { f * 0.5 } else { f }
+impl KvTuning {
+    /// The tuning of a `kv-*` profile (`None` for the others).
+    ///
+    /// Chosen on real SmolLM2-135M caches with `kvault codec-eval --tune` (docs/figures.md),
+    /// by the mean KL divergence of next-token distributions per bit:
+    /// - value error costs more than key error at these rates (at 2.27 bits per element,
+    ///   a bit spent on values lowered the KL about twice as much as one spent on keys), so
+    ///   the split moved from (0.6, 1.8) to (0.9, 1.2) for `kv-mid`;
+    /// - value steps follow each token's σ more than proportionally (`value_power` 1.5:
+    ///   KL 0.0337 against 0.0413 at the same 2.16-2.18 bits; a step shared by all tokens,
+    ///   power 0, was five times worse);
+    /// - one key step for all channels (`key_power` 0) stays: powers -0.5 and 0.5 measured
+    ///   no better;
+    /// - the finer early layer group cost 0.11 bits per element for no measurable gain, so
+    ///   it is off (`early_scale` 1).
+    pub fn of(profile: Profile) -> Option<KvTuning> {
+        let (key_factor, value_factor) = match profile {
+            Profile::KvHi => (0.38, 0.66),
+            Profile::KvMid => (0.9, 1.2),
+            Profile::KvLo => (1.2, 1.6),
+            _ => return None,
+        };
+        Some(KvTuning {
+            key_factor,
+            value_factor,
+            early_keys: 1.0 / 6.0,
+            early_values: 1.0 / 15.0,
+            early_scale: 1.0,
+            key_power: 0.0,
+            value_power: 1.5,
+        })
+    }
+
+    /// The step factor of one part of layer `index` of `total`.
+    fn factor(&self, index: u32, total: u32, is_value: bool) -> f64 {
+        let (f, share) = if is_value {
+            (self.value_factor, self.early_values)
+        } else {
+            (self.key_factor, self.early_keys)
+        };
+        let early = (f64::from(total) * share).ceil() as u32;
+        if index < early { f * self.early_scale } else { f }
+    }
+
+    /// Errors unless every factor is finite and positive.
+    pub(crate) fn check(&self) -> Result<(), CodecError> {
+        let ok = |f: f64| f.is_finite() && f > 0.0;
+        let share = |f: f64| f.is_finite() && (0.0..=1.0).contains(&f);
+        let power = |f: f64| f.is_finite() && (-4.0..=4.0).contains(&f);
+        if ok(self.key_factor)
+            && ok(self.value_factor)
+            && ok(self.early_scale)
+            && power(self.key_power)
+            && power(self.value_power)
+            && share(self.early_keys)
+            && share(self.early_values)
+        {
+            Ok(())
+        } else {
+            Err(CodecError::BadShape(format!("kv tuning out of range: {self:?}")))
+        }
+    }
 }
 
 pub(super) fn params(_profile: Profile, view: &KvView<'_>) -> Result<Vec<u8>, CodecError> {
     let shape = view.shape();
     let channels = (shape.kv_heads as usize * shape.head_dim as usize).max(1);
-    let block = (STREAM_SYMBOLS / channels).clamp(BLOCK_TOKENS.0, BLOCK_TOKENS.1) as u16;
+    let target = (STREAM_SYMBOLS / channels).clamp(BLOCK_TOKENS.0, BLOCK_TOKENS.1);
+    // Streams per part rounded up to a multiple of four, the streams the CPU vector
+    // decoder runs side by side, and tokens shared out evenly: a 256-token SmolLM2 chunk
+    // gets eight 32-token streams rather than six of 42 and one of 4 (0.3% more bytes).
+    let tokens = (shape.tokens as usize).max(1);
+    let streams = tokens.div_ceil(target).next_multiple_of(STREAMS_TOGETHER);
+    let block = tokens.div_ceil(streams).clamp(BLOCK_TOKENS.0, BLOCK_TOKENS.1) as u16;
     let mut p = vec![FORMAT, rans::PROB_BITS as u8, rans::LANES as u8];
     p.extend_from_slice(&block.to_le_bytes());
     Ok(p)
@@ -161,20 +232,23 @@ fn round_i32(v: f64) -> i32 {
     (v + MAGIC).to_bits() as u32 as i32
 }
 
-/// Picks a group's step index and zero point (in steps) for step factor `f`, from the
-/// group's sum, sum of squares, max |x| and element count; the step follows `pooled_sigma`
-/// when given, else the group's own σ.
-fn choose(
-    sum: f64,
-    sum_sq: f64,
-    max_abs: f64,
-    n: usize,
-    f: f64,
-    pooled_sigma: Option<f64>,
-) -> Result<(u8, i32), CodecError> {
+/// The σ each group's step follows (see [`KvTuning::key_power`]): `pooled ·
+/// clamp(own / pooled)^power`, `pooled` the RMS of the groups' own σ.
+fn target_sigmas(own: &[f64], power: f64) -> Vec<f64> {
+    let pooled = (own.iter().map(|s| s * s).sum::<f64>() / own.len().max(1) as f64).sqrt();
+    if pooled == 0.0 {
+        return vec![0.0; own.len()];
+    }
+    own.iter()
+        .map(|&s| pooled * (s / pooled).clamp(1.0 / 256.0, 256.0).powf(power))
+        .collect()
+}
+
+/// Picks a group's step index and zero point (in steps) for step `f * sigma`, from the
+/// group's sum, max |x| and element count.
+fn choose(sum: f64, max_abs: f64, n: usize, f: f64, sigma: f64) -> Result<(u8, i32), CodecError> {
     let n = n.max(1) as f64;
     let mean = sum / n;
-    let sigma = pooled_sigma.unwrap_or_else(|| (sum_sq / n - mean * mean).max(0.0).sqrt());
     let target = f * sigma;
     let mut e = if target > 0.0 {
         (4.0 * target.log2() + f64::from(4 * EXP_BIAS))
@@ -193,7 +267,7 @@ fn choose(
 }
 
 pub(super) fn encode_layer(
-    profile: Profile,
+    tuning: &KvTuning,
     layer: &[u8],
     dtype: Dtype,
     params: &[u8],
@@ -202,17 +276,6 @@ pub(super) fn encode_layer(
 ) -> Result<Vec<u8>, CodecError> {
     let block = parse_params(params)?;
     load_f32(layer, dtype, &mut scratch.f32s);
-    // Vectorised check: a NaN or infinity makes the sum non-finite (finite f32s cannot
-    // overflow an f64 sum).
-    if !scratch
-        .f32s
-        .iter()
-        .map(|&x| f64::from(x))
-        .sum::<f64>()
-        .is_finite()
-    {
-        return Err(unencodable("a non-finite element"));
-    }
     let (t, c, n) = (geom.tokens, geom.channels, geom.part_elems());
     let mut out = Vec::with_capacity(n / 2);
     let f32s = std::mem::take(&mut scratch.f32s);
@@ -224,7 +287,12 @@ pub(super) fn encode_layer(
                 t,
                 c,
                 block,
-                layer_factor(profile, &geom, is_value),
+                tuning.factor(geom.index, geom.total_layers, is_value),
+                if is_value {
+                    tuning.value_power
+                } else {
+                    tuning.key_power
+                },
                 is_value,
                 scratch,
                 &mut out,
@@ -243,6 +311,7 @@ fn encode_part(
     c: usize,
     block: usize,
     factor: f64,
+    power: f64,
     per_token: bool,
     scratch: &mut Scratch,
     out: &mut Vec<u8>,
@@ -277,18 +346,19 @@ fn encode_part(
             }
         }
     }
+    // A NaN or infinity makes its group's sum of squares non-finite (finite f32s cannot
+    // overflow an f64 sum), so the statistics double as the finiteness check.
+    if sum_sq.iter().any(|q| !q.is_finite()) {
+        return Err(unencodable("a non-finite element"));
+    }
     let n_group = if per_token { c } else { t };
-    // Keys: one step for every channel, from the RMS of the channels' deviations.
-    let pooled_sigma = (!per_token).then(|| {
-        let n = n_group.max(1) as f64;
-        let var: f64 = (0..groups)
-            .map(|g| (sum_sq[g] / n - (sum[g] / n).powi(2)).max(0.0))
-            .sum::<f64>()
-            / groups.max(1) as f64;
-        var.sqrt()
-    });
+    let nf = n_group.max(1) as f64;
+    let own: Vec<f64> = (0..groups)
+        .map(|g| (sum_sq[g] / nf - (sum[g] / nf).powi(2)).max(0.0).sqrt())
+        .collect();
+    let sigmas = target_sigmas(&own, power);
     let chosen: Vec<(u8, i32)> = (0..groups)
-        .map(|g| choose(sum[g], sum_sq[g], max_abs[g], n_group, factor, pooled_sigma))
+        .map(|g| choose(sum[g], max_abs[g], n_group, factor, sigmas[g]))
         .collect::<Result<_, _>>()?;
     out.push(u8::from(per_token));
     out.extend(chosen.iter().map(|&(e, _)| e));
@@ -318,10 +388,24 @@ fn encode_part(
         }
     }
     // Histogram of residuals in [-32, 31]; everything else lands in the last bin.
+    // Four interleaved histograms: consecutive residuals often fall in the same bin, and
+    // one counter would make every increment wait for the previous one.
+    let mut hists = [[0u32; 65]; 4];
+    let mut quads = res.chunks_exact(4);
+    for q in &mut quads {
+        for (h, &r) in hists.iter_mut().zip(q) {
+            // Negative or large values wrap to >= 64 and are clamped to the overflow bin.
+            h[(r.wrapping_add(32) as u32).min(64) as usize] += 1;
+        }
+    }
+    for &r in quads.remainder() {
+        hists[0][(r.wrapping_add(32) as u32).min(64) as usize] += 1;
+    }
     let mut hist = [0u64; 65];
-    for &r in res.iter() {
-        // Negative or large values wrap to >= 64 and are clamped to the overflow bin.
-        hist[(r.wrapping_add(32) as u32).min(64) as usize] += 1;
+    for h in &hists {
+        for (a, &b) in hist.iter_mut().zip(h) {
+            *a += u64::from(b);
+        }
     }
     let total = res.len() as f64;
     let cost = |m: usize| -> f64 {
@@ -429,13 +513,48 @@ pub(super) fn decode_layer(
     out: &mut [u8],
     scratch: &mut Scratch,
 ) -> Result<(), CodecError> {
+    decode_layer_with(payload, params, geom, out_dtype, out, scratch, simd_available())
+}
+
+/// Whether the vector decoder (`kv_avx2.rs`) can run here.
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::kv_avx2::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`decode_layer`] with the vector decoder allowed or not (the tests compare the two).
+fn decode_layer_with(
+    payload: &[u8],
+    params: &[u8],
+    geom: LayerGeom,
+    out_dtype: Dtype,
+    out: &mut [u8],
+    scratch: &mut Scratch,
+    simd: bool,
+) -> Result<(), CodecError> {
     let block = parse_params(params)?;
     let (t, c, n) = (geom.tokens, geom.channels, geom.part_elems());
     let mut r = PayloadReader::new(payload, "kv");
     let mut dtable = scratch.dtable.take().unwrap_or_default();
     let result = (|| {
         for out_part in out.chunks_exact_mut(n * out_dtype.size()) {
-            decode_part(&mut r, t, c, block, out_dtype, out_part, &mut dtable, scratch)?;
+            decode_part(
+                &mut r,
+                t,
+                c,
+                block,
+                out_dtype,
+                out_part,
+                &mut dtable,
+                scratch,
+                simd,
+            )?;
         }
         r.finish()
     })();
@@ -453,6 +572,7 @@ fn decode_part(
     out: &mut [u8],
     dtable: &mut DecodeTable,
     scratch: &mut Scratch,
+    simd: bool,
 ) -> Result<(), CodecError> {
     let (steps, zeros) = (&mut scratch.f32b, &mut scratch.ints);
     steps.clear();
@@ -460,43 +580,132 @@ fn decode_part(
     let (per_token, m, table) = read_part_header(r, t, c, steps, zeros)?;
     dtable.rebuild(&table);
     let esc_sym = (2 * m + 1) as u8;
-    let (syms, fbuf, halfs) = (&mut scratch.syms, &mut scratch.f32s, &mut scratch.halfs);
+    #[cfg(target_arch = "x86_64")]
+    if simd && c.is_multiple_of(rans::LANES) {
+        let g = Groups {
+            t,
+            c,
+            per_token,
+            m,
+            zeros,
+            steps,
+        };
+        return decode_part_avx2(
+            r,
+            block,
+            esc_sym,
+            &g,
+            out_dtype,
+            out,
+            dtable,
+            (&mut scratch.words, &mut scratch.syms, &mut scratch.halfs),
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
+    let g = Groups {
+        t,
+        c,
+        per_token,
+        m,
+        zeros,
+        steps,
+    };
+    let (syms, row, halfs, words, esc_at) = (
+        &mut scratch.syms,
+        &mut scratch.f32s,
+        &mut scratch.halfs,
+        &mut scratch.words,
+        &mut scratch.escapes,
+    );
     let size = out_dtype.size();
+    let row_bytes = c * size;
     for (bi, out_blk) in out.chunks_mut(block * c * size).enumerate() {
         let elems = out_blk.len() / size;
         let rans_len = r.varint()? as usize;
         let esc_len = r.varint()? as usize;
         let stream = r.take(rans_len)?;
-        let mut escs = r.take(esc_len)?;
+        let escs = r.take(esc_len)?;
+        let t0 = bi * block;
         syms.clear();
         syms.resize(elems, 0);
-        rans::decode(stream, dtable, syms)?;
-        fbuf.clear();
-        fbuf.resize(elems, 0.0);
-        let t0 = bi * block;
-        // Hot path (decode): an add, a convert and a multiply per element, vectorisable;
-        // escapes are patched afterwards.
-        for (k, (srow, frow)) in syms.chunks_exact(c).zip(fbuf.chunks_exact_mut(c)).enumerate() {
+        rans::decode_with(stream, dtable, syms, words)?;
+        // Hot path (decode, portable): an add, a convert and a multiply per element, a row
+        // at a time into a small f32 buffer that stays in L1, then one conversion into the
+        // caller's buffer; escapes are patched afterwards.
+        row.clear();
+        row.resize(c, 0.0);
+        for (k, (srow, orow)) in syms
+            .chunks_exact(c)
+            .zip(out_blk.chunks_exact_mut(row_bytes))
+            .enumerate()
+        {
             if per_token {
                 let (b, d) = (zeros[t0 + k], steps[t0 + k]);
-                for (x, &s) in frow.iter_mut().zip(srow) {
+                for (x, &s) in row.iter_mut().zip(srow) {
                     *x = i32::from(s).wrapping_add(b) as f32 * d;
                 }
             } else {
-                for (((x, &s), &b), &d) in frow.iter_mut().zip(srow).zip(zeros.iter()).zip(steps.iter()) {
+                for (((x, &s), &b), &d) in row.iter_mut().zip(srow).zip(zeros.iter()).zip(steps.iter()) {
                     *x = i32::from(s).wrapping_add(b) as f32 * d;
                 }
             }
+            store_f32(row, out_dtype, orow, halfs);
         }
+        esc_at.clear();
         if syms.contains(&esc_sym) {
-            for (i, _) in syms.iter().enumerate().filter(|&(_, &s)| s == esc_sym) {
-                let (v, used) = read_varint(escs)
-                    .ok_or_else(|| CodecError::Corrupt("kv escape missing or malformed".into()))?;
-                escs = &escs[used..];
-                let g = if per_token { t0 + i / c } else { i % c };
-                let q = i64::from(unzigzag(v)) + i64::from(zeros[g]) + m as i64;
-                fbuf[i] = q as f32 * steps[g];
-            }
+            esc_at.extend(
+                syms.iter()
+                    .enumerate()
+                    .filter(|&(_, &s)| s == esc_sym)
+                    .map(|(i, _)| i),
+            );
+        }
+        g.patch_escapes(esc_at.iter().copied(), escs, t0, out_dtype, out_blk, halfs)?;
+    }
+    Ok(())
+}
+
+/// A part's groups: what dequantization needs beyond the symbols.
+struct Groups<'a> {
+    t: usize,
+    c: usize,
+    per_token: bool,
+    m: usize,
+    zeros: &'a [i32],
+    steps: &'a [f32],
+}
+
+impl Groups<'_> {
+    /// Writes the exact value of each escape (positions in symbol order, relative to the
+    /// block starting at token `t0`) into `out_blk`, reading the residuals from `escs`,
+    /// which they must use up.
+    fn patch_escapes(
+        &self,
+        positions: impl Iterator<Item = usize>,
+        mut escs: &[u8],
+        t0: usize,
+        out_dtype: Dtype,
+        out_blk: &mut [u8],
+        halfs: &mut Vec<half::f16>,
+    ) -> Result<(), CodecError> {
+        let size = out_dtype.size();
+        for i in positions {
+            let (v, used) = read_varint(escs)
+                .ok_or_else(|| CodecError::Corrupt("kv escape missing or malformed".into()))?;
+            escs = &escs[used..];
+            let g = if self.per_token {
+                t0 + i / self.c
+            } else {
+                i % self.c
+            };
+            let q = i64::from(unzigzag(v)) + i64::from(self.zeros[g]) + self.m as i64;
+            store_f32(
+                &[q as f32 * self.steps[g]],
+                out_dtype,
+                &mut out_blk[i * size..(i + 1) * size],
+                halfs,
+            );
         }
         if !escs.is_empty() {
             return Err(CodecError::Corrupt(format!(
@@ -504,7 +713,87 @@ fn decode_part(
                 escs.len()
             )));
         }
-        store_f32(fbuf, out_dtype, out_blk, halfs);
+        Ok(())
+    }
+}
+
+/// The part's blocks through the vector decoder (`kv_avx2.rs`), up to four of equal size
+/// side by side.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn decode_part_avx2(
+    r: &mut PayloadReader<'_>,
+    block: usize,
+    esc_sym: u8,
+    g: &Groups<'_>,
+    out_dtype: Dtype,
+    out: &mut [u8],
+    dtable: &DecodeTable,
+    (words, masks, halfs): (&mut Vec<u16>, &mut Vec<u8>, &mut Vec<half::f16>),
+) -> Result<(), CodecError> {
+    use super::kv_avx2::{Block, MAX_STREAMS, PartParams, decode_blocks};
+    let (t, c) = (g.t, g.c);
+    let size = out_dtype.size();
+    // Every block's framing first: the vector decoder takes several blocks at once.
+    let n_blocks = t.div_ceil(block);
+    let mut framing = Vec::with_capacity(n_blocks);
+    for _ in 0..n_blocks {
+        let rans_len = r.varint()? as usize;
+        let esc_len = r.varint()? as usize;
+        framing.push((r.take(rans_len)?, r.take(esc_len)?));
+    }
+    let p = PartParams {
+        slots: dtable.slots(),
+        channels: c,
+        per_token: g.per_token,
+        esc_sym,
+        out_dtype,
+    };
+    let mut outs: Vec<&mut [u8]> = out.chunks_mut(block * c * size).collect();
+    let tokens_of = |b: usize| block.min(t - b * block);
+    let mut b0 = 0;
+    while b0 < n_blocks {
+        let mut b1 = b0 + 1;
+        while b1 < n_blocks && b1 - b0 < MAX_STREAMS && tokens_of(b1) == tokens_of(b0) {
+            b1 += 1;
+        }
+        let mut blocks: Vec<Block<'_>> = outs[b0..b1]
+            .iter_mut()
+            .zip(&framing[b0..b1])
+            .enumerate()
+            .map(|(j, (o, &(stream, _)))| {
+                let t0 = (b0 + j) * block;
+                let (biases, steps) = if g.per_token {
+                    let tk = tokens_of(b0 + j);
+                    (&g.zeros[t0..t0 + tk], &g.steps[t0..t0 + tk])
+                } else {
+                    (g.zeros, g.steps)
+                };
+                Block {
+                    stream,
+                    out: o,
+                    biases,
+                    steps,
+                }
+            })
+            .collect();
+        decode_blocks(&mut blocks, &p, words, masks)?;
+        drop(blocks);
+        let per = tokens_of(b0) * c / rans::LANES;
+        for (j, masks) in masks.chunks_exact(per.max(1)).take(b1 - b0).enumerate() {
+            let bi = b0 + j;
+            let positions = masks
+                .iter()
+                .enumerate()
+                .filter(|&(_, &mk)| mk != 0)
+                .flat_map(|(k, &mk)| {
+                    (0..rans::LANES)
+                        .filter(move |l| mk >> l & 1 == 1)
+                        .map(move |l| 8 * k + l)
+                });
+            g.patch_escapes(positions, framing[bi].1, bi * block, out_dtype, outs[bi], halfs)?;
+        }
+        b0 = b1;
     }
     Ok(())
 }
@@ -601,10 +890,10 @@ mod tests {
     /// step that keeps `max |x| / Δ <= 2^29`, or the grid's minimum.
     fn check_bound(profile: Profile, shape: KvShape, x: &[f32], y: &[f32]) -> Result<(), TestCaseError> {
         let (t, c) = (shape.tokens as usize, (shape.kv_heads * shape.head_dim) as usize);
-        let (fk, fv) = step_factors(profile);
+        let tuning = KvTuning::of(profile).expect("a kv profile");
         for (p, (xp, yp)) in x.chunks_exact(t * c).zip(y.chunks_exact(t * c)).enumerate() {
             let per_token = p % 2 == 1;
-            let f = if per_token { fv } else { fk };
+            let f = tuning.factor((p / 2) as u32, shape.layers, per_token);
             let groups = if per_token { t } else { c };
             let members = |g: usize| -> Vec<usize> {
                 if per_token {
@@ -618,13 +907,24 @@ mod tests {
                 let mean = idx.iter().map(|&i| f64::from(xp[i])).sum::<f64>() / n;
                 (idx.iter().map(|&i| f64::from(xp[i]).powi(2)).sum::<f64>() / n - mean * mean).max(0.0)
             };
-            // Keys share the RMS of their channels' deviations; values use their own.
-            let pooled = (0..groups).map(|g| variance(&members(g))).sum::<f64>() / groups as f64;
-            for g in 0..groups {
+            // The σ each group's step follows: the pooled RMS times the group's own σ
+            // relative to it, to the tuning's power.
+            let own: Vec<f64> = (0..groups).map(|g| variance(&members(g)).sqrt()).collect();
+            let pooled = (own.iter().map(|s| s * s).sum::<f64>() / groups as f64).sqrt();
+            let power = if per_token {
+                tuning.value_power
+            } else {
+                tuning.key_power
+            };
+            for (g, &own_g) in own.iter().enumerate() {
                 let idx = members(g);
-                let var = if per_token { variance(&idx) } else { pooled };
+                let sigma = if pooled > 0.0 {
+                    pooled * (own_g / pooled).clamp(1.0 / 256.0, 256.0).powf(power)
+                } else {
+                    0.0
+                };
                 let max_abs = idx.iter().map(|&i| f64::from(xp[i]).abs()).fold(0.0, f64::max);
-                let step = (f * var.sqrt() * 2f64.powf(0.125))
+                let step = (f * sigma * 2f64.powf(0.125))
                     .max(max_abs * 2f64.powi(-28))
                     .max(2f64.powi(-40))
                     * (1.0 + 1e-6);
@@ -652,6 +952,116 @@ mod tests {
             let blob = crate::encode(t.view(), profile)?;
             let got = decoded_f32(&blob);
             check_bound(profile, t.shape(), &seen, &got)?;
+        }
+    }
+
+    /// A tensor with `channels % 8 == 0` (the vector decoder's shapes), per-channel
+    /// offsets and scales, per-token magnitudes and outliers (escapes).
+    fn wide(layers: u32, tokens: u32, kv_heads: u32, head_dim: u32, seed: u64) -> crate::KvTensor {
+        let shape = KvShape {
+            layers,
+            tokens,
+            kv_heads,
+            head_dim,
+        };
+        let c = (kv_heads * head_dim) as usize;
+        let mut s = seed | 1;
+        let mut uni = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        };
+        let off: Vec<f64> = (0..c).map(|_| 3.0 * uni()).collect();
+        let sc: Vec<f64> = (0..c).map(|_| 10f64.powf(uni())).collect();
+        let data: Vec<u8> = (0..shape.elements() as usize)
+            .flat_map(|i| {
+                let ch = i % c;
+                let outlier = if uni() > 0.99 { 40.0 } else { 1.0 };
+                let v = off[ch] + sc[ch] * outlier * (uni() + uni());
+                half::f16::from_f32(v as f32).to_bits().to_le_bytes()
+            })
+            .collect();
+        crate::KvTensor::new(shape, Dtype::F16, data).unwrap()
+    }
+
+    /// Decodes every layer of `blob` with the vector decoder allowed or not; the result of
+    /// each layer.
+    fn decode_layers(blob: &[u8], out_dtype: Dtype, simd: bool) -> Vec<Result<Vec<u8>, CodecError>> {
+        let c = crate::Container::parse(blob).unwrap();
+        let h = c.header();
+        let shape = h.shape();
+        let n = shape.layer_byte_len(out_dtype).unwrap();
+        (0..h.layer_count)
+            .map(|i| {
+                let geom = LayerGeom {
+                    index: i,
+                    total_layers: h.total_layers,
+                    tokens: shape.tokens as usize,
+                    channels: (shape.kv_heads * shape.head_dim) as usize,
+                };
+                let mut out = vec![0x55u8; n];
+                decode_layer_with(
+                    c.layer_payload(i),
+                    &h.params,
+                    geom,
+                    out_dtype,
+                    &mut out,
+                    &mut Scratch::default(),
+                    simd,
+                )
+                .map(|()| out)
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// The vector decoder gives the portable decoder's bytes, for every output dtype,
+        /// and fails exactly where it fails on damaged payloads.
+        #[test]
+        fn vector_decoder_matches_portable(
+            layers in 1u32..3,
+            tokens in 1u32..140,
+            kv_heads in 1u32..4,
+            head_dim in prop::sample::select(&[8u32, 16, 24, 64][..]),
+            profile in prop::sample::select(&[Profile::KvHi, Profile::KvMid, Profile::KvLo][..]),
+            out_dtype in prop::sample::select(Dtype::ALL),
+            seed in any::<u64>(),
+            at in any::<prop::sample::Index>(),
+            xor in 1u8..=255,
+        ) {
+            if !simd_available() {
+                // Nothing to compare on a CPU without AVX2 and F16C.
+                return Ok(());
+            }
+            let t = wide(layers, tokens, kv_heads, head_dim, seed);
+            let blob = crate::encode(t.view(), profile)?;
+            let portable = decode_layers(&blob, out_dtype, false);
+            let vector = decode_layers(&blob, out_dtype, true);
+            for (a, b) in portable.iter().zip(&vector) {
+                prop_assert!(a.is_ok(), "portable decoder failed: {:?}", a);
+                prop_assert_eq!(a, b);
+            }
+            // A flipped payload byte (checksum fixed up): the same verdict, and the same
+            // bytes when both accept it.
+            let c = crate::Container::parse(&blob)?;
+            let first = c.layer_payload(0);
+            let start = first.as_ptr() as usize - blob.as_ptr() as usize;
+            let mut bad = blob.clone();
+            bad[start + at.index(first.len())] ^= xor;
+            let n = bad.len() - 4;
+            let crc = crc32c::crc32c(&bad[..n]);
+            bad[n..].copy_from_slice(&crc.to_le_bytes());
+            let portable = decode_layers(&bad, out_dtype, false);
+            let vector = decode_layers(&bad, out_dtype, true);
+            for (a, b) in portable.iter().zip(&vector) {
+                prop_assert_eq!(a.is_ok(), b.is_ok(), "{:?} vs {:?}", a.as_ref().err(), b.as_ref().err());
+                if let (Ok(a), Ok(b)) = (a, b) {
+                    prop_assert_eq!(a, b);
+                }
+            }
         }
     }
 

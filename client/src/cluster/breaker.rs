@@ -1,8 +1,8 @@
-//! A circuit breaker per upstream: after a run of failures the upstream is
-//! treated as down and calls to it fail at once (a miss, not a hang); after a
+//! A circuit breaker per node: after a run of failures the node is treated
+//! as down and calls to it fail at once (a miss, not a hang); after a
 //! cool-down one probe call is let through, and its success closes the
-//! breaker again. This is how the sidecar keeps misses fast while a server
-//! is gone and recovers without a restart when it returns.
+//! breaker again. This is how clients and sidecars keep misses fast while a
+//! server is gone and recover without a restart when it returns.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -35,14 +35,14 @@ struct Inner {
     opened_at: Option<Instant>,
 }
 
-/// One upstream's breaker.
+/// One node's breaker.
 pub struct Breaker {
     threshold: u32,
     cool_down: Duration,
     inner: Mutex<Inner>,
 }
 
-/// Whether a call may go to the upstream.
+/// Whether a call may go to the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
     /// Go ahead.
@@ -110,7 +110,7 @@ impl Breaker {
     }
 
     /// Records a failed call (unreachable or timed out; not a refusal of the
-    /// request, which says the upstream is up). Returns true when this
+    /// request, which says the node is up). Returns true when this
     /// failure opened the breaker.
     pub fn failure(&self) -> bool {
         self.failure_at(Instant::now())
