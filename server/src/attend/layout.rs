@@ -407,11 +407,22 @@ fn keys_i8(rows: &[f16], geo: &Geometry) -> KeyStore {
     for_rows(rows, d, |t, r| {
         let (b, i, g) = (t / BLOCK, t % BLOCK, t / KEY_GROUP * dp);
         for (c, x) in r.iter().enumerate() {
-            let code = (x / scale[g + c]).round().clamp(-127.0, 127.0) as i8;
+            let code = nearest(x / scale[g + c], -127.0, 127.0) as i8;
             k[(b * dp / 2 + c / 2) * 32 + 2 * i + c % 2] = code;
         }
     });
     KeyStore::I8 { k, scale }
+}
+
+/// `y` clamped to `lo..=hi` (|·| < 2^22) and rounded to the nearest integer (ties to even).
+///
+/// Adding and subtracting 1.5·2^23 rounds any |y| < 2^22 in the default
+/// rounding mode; `f32::round` is a libm call on baseline x86-64, which
+/// took a third of the packing time in a profile.
+#[inline]
+fn nearest(y: f32, lo: f32, hi: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (y.clamp(lo, hi) + MAGIC) - MAGIC
 }
 
 /// Asymmetric 4-bit step and offset (the value of code 8) of a range.
@@ -423,7 +434,7 @@ fn u4_params(lo: f32, hi: f32) -> (f32, f32) {
 /// The 4-bit code of `x` for step `s` above `lo`.
 fn u4_code(x: f32, lo: f32, s: f32) -> u8 {
     if s > 0.0 {
-        ((x - lo) / s).round().clamp(0.0, 15.0) as u8
+        nearest((x - lo) / s, 0.0, 15.0) as u8
     } else {
         8
     }
@@ -478,7 +489,7 @@ fn values_i8(rows: &[f16], geo: &Geometry) -> ValueStore {
         let (b, i) = (t / BLOCK, t % BLOCK);
         for (c, x) in r.iter().enumerate() {
             let unit = (b * dp / 16 + c / 16) * 8 + i / 2;
-            v[unit * 32 + (c % 16) * 2 + i % 2] = (x / s).round().clamp(-127.0, 127.0) as i8;
+            v[unit * 32 + (c % 16) * 2 + i % 2] = nearest(x / s, -127.0, 127.0) as i8;
         }
     });
     ValueStore::I8 { v, scale }
