@@ -6,12 +6,24 @@
 //! Tolerances (stated once, checked everywhere):
 //! - f16 layout: the servers read exactly the stored f16 values and work in
 //!   f32, so `|o − ref| ≤ 1e-5·(1 + max|v|)` (measured worst about 2e-6 at max|v| = 4) and `|lse − ref| ≤ 1e-4·(1 + |ref|)`.
-//! - int8 layout: a key channel's rounding error is at most half its scale
-//!   `s_c = max_t |k_tc| / 127`, so each score moves by at most
-//!   `ε = scale·Σ_c |q_c|·s_c / 2`, softmax weights by a factor within
-//!   `e^{±2ε}`, and values by at most `max|v| / 254`: hence
-//!   `|o − ref| ≤ (e^{2ε} − 1)·max|v| + max|v|/254 + 2e-4` and `|lse − ref| ≤ ε + 1e-4`.
-//! - k8v4 layout (int8 keys, 4-bit values): the same with `max|v|/14` for the values.
+//! - Quantised layouts (`server/src/attend/layout.rs`). With `M_c = max_t |k_tc|`
+//!   over the prefix (each server's key groups of 128 tokens have a range
+//!   within ±M_c) and `a_c = scale·|q_c|·M_c`:
+//!   - int8 keys (int8, k8v4): step ≤ `M_c/127`, rounding ≤ `M_c/254`, so a
+//!     score moves by at most `ε_k = Σ_c a_c/254`; the query, folded with the
+//!     steps, is rounded to integers of at most `A = 32767` (for these head
+//!     dims) against codes of at most 127: `ε_q = 127·D·max_c a_c/(127·2A)`;
+//!   - 4-bit keys (k4v4): step ≤ `2M_c/15`, `ε_k = Σ_c a_c/15`; integers of
+//!     at most 127 against codes centred within ±8: `ε_q = 8·D·max_c(2a_c/15)/(2·127)`;
+//!   - with `ε = ε_k + ε_q`, softmax weights move by a factor within `e^{±2ε}`;
+//!   - int8 values: rounding ≤ `max|v|/254`; the block's weights rounded to
+//!     integers of at most 32767, codes of at most 127: ≤ `16·max|v|/65534`;
+//!   - 4-bit values: step ≤ `2·max|v|/15`, rounding ≤ `max|v|/15`; weights
+//!     rounded to 8 bits against codes within ±8: ≤ `16·8·(2·max|v|/15)/510`
+//!     (each 16-token block's error is at most that times its largest
+//!     weight, and the largest weights of the blocks sum to at most `l`);
+//!   - hence `|o − ref| ≤ (e^{2ε} − 1)·max|v| + (value terms) + 2e-4` and
+//!     `|lse − ref| ≤ ε + 1e-4`.
 
 use std::ops::Range;
 
@@ -122,10 +134,10 @@ async fn store_chunks(
     }
 }
 
-/// Per-query bound on `(o, lse)` error of the quantised layouts (see the
-/// file's doc); values have `v_levels` steps each side of zero.
+/// Per-query bound on the `(o, lse)` error of the quantised layouts (see
+/// the file's doc).
 #[allow(clippy::too_many_arguments)]
-fn int8_bound(
+fn quant_bound(
     kv: &[f32],
     s: &KvShape,
     l: usize,
@@ -133,31 +145,39 @@ fn int8_bound(
     q_heads: usize,
     scale: f64,
     prefix: usize,
-    v_levels: f64,
+    format: AttendFormat,
 ) -> (f64, f64) {
     let (kvh, hd) = (s.kv_heads as usize, s.head_dim as usize);
     let g = q_heads / kvh;
+    let four_bit_keys = format == AttendFormat::K4v4;
     let mut eps = 0f64;
     for h in 0..q_heads {
-        let e: f64 = (0..hd)
+        let a: Vec<f64> = (0..hd)
             .map(|d| {
-                let sc = (0..prefix)
+                let m = (0..prefix)
                     .map(|t| at(kv, s, l, 0, t, h / g, d).abs())
-                    .fold(0f32, f32::max) as f64
-                    / 127.0;
-                scale * (q[h * hd + d] as f64).abs() * sc / 2.0
+                    .fold(0f32, f32::max) as f64;
+                scale * (q[h * hd + d] as f64).abs() * m
             })
-            .sum();
+            .collect();
+        let amax = a.iter().copied().fold(0.0, f64::max);
+        let e = if four_bit_keys {
+            a.iter().sum::<f64>() / 15.0 + 8.0 * hd as f64 * (2.0 * amax / 15.0) / (2.0 * 127.0)
+        } else {
+            a.iter().sum::<f64>() / 254.0 + 127.0 * hd as f64 * (amax / 127.0) / (2.0 * 32767.0)
+        };
         eps = eps.max(e);
     }
     let vmax = (0..prefix)
         .flat_map(|t| (0..kvh).flat_map(move |h| (0..hd).map(move |d| (t, h, d))))
         .map(|(t, h, d)| at(kv, s, l, 1, t, h, d).abs())
         .fold(0f32, f32::max) as f64;
-    (
-        (2.0 * eps).exp_m1() * vmax + vmax / (2.0 * v_levels) + 2e-4,
-        eps + 1e-4,
-    )
+    let values = if format == AttendFormat::Int8 {
+        vmax / 254.0 + 16.0 * vmax / 65534.0
+    } else {
+        vmax / 15.0 + 16.0 * 8.0 * (2.0 * vmax / 15.0) / 510.0
+    };
+    ((2.0 * eps).exp_m1() * vmax + values + 2e-4, eps + 1e-4)
 }
 
 struct Case<'a> {
@@ -220,11 +240,8 @@ async fn check(
                 &[r.clone(), c.prefix..total],
             );
             let (tol_o, tol_l) = match c.format {
-                AttendFormat::Int8 => {
-                    int8_bound(c.kv, &c.shape, l, q, c.q_heads, scale as f64, c.prefix, 127.0)
-                }
-                AttendFormat::K8v4 => {
-                    int8_bound(c.kv, &c.shape, l, q, c.q_heads, scale as f64, c.prefix, 7.0)
+                AttendFormat::Int8 | AttendFormat::K8v4 | AttendFormat::K4v4 => {
+                    quant_bound(c.kv, &c.shape, l, q, c.q_heads, scale as f64, c.prefix, c.format)
                 }
                 _ => (1e-5 * (1.0 + vmax), 1e-4),
             };
@@ -309,7 +326,12 @@ async fn merged_partials_equal_full_attention_random_kv() {
         let mut off = Offload::connect(&clients).await.unwrap();
         let ranges = [0..prefix, 17..70, 0..0, 40..41, 31..33];
         for (n, shards) in spreads.iter().enumerate() {
-            for format in [AttendFormat::F16, AttendFormat::Int8, AttendFormat::K8v4] {
+            for format in [
+                AttendFormat::F16,
+                AttendFormat::Int8,
+                AttendFormat::K8v4,
+                AttendFormat::K4v4,
+            ] {
                 let p = off
                     .open_prefix(&layout, &keys, prefix, shards, format)
                     .await

@@ -12,6 +12,7 @@
 //! message) ends the stream.
 
 pub mod kernel;
+pub mod layout;
 pub mod session;
 
 use std::sync::Arc;
@@ -89,7 +90,8 @@ impl AttendError {
 /// Most query heads one query may carry.
 const MAX_Q_HEADS: u32 = 1024;
 /// Tokens of one worker task at least: smaller pieces cost more in merging than they gain.
-const MIN_TASK_TOKENS: usize = 512;
+/// A multiple of the key group, as every piece boundary is.
+const MIN_TASK_TOKENS: usize = 4 * layout::KEY_GROUP;
 
 /// The attention side of the server: sessions and the stream handler.
 pub struct Attend {
@@ -259,6 +261,7 @@ impl Attend {
             Ok(pb::AttendFormat::Unspecified | pb::AttendFormat::F16) => Format::F16,
             Ok(pb::AttendFormat::Int8) => Format::Int8,
             Ok(pb::AttendFormat::K8v4) => Format::K8V4,
+            Ok(pb::AttendFormat::K4v4) => Format::K4V4,
             Err(_) => return Err(bad(format!("unknown attention format {}", o.format))),
         };
         // Reserve for full chunks before fetching: the real size is known after parsing.
@@ -396,10 +399,7 @@ impl Attend {
             .collect();
         let bytes: u64 = ready
             .iter()
-            .map(|(_, p)| {
-                let kv = p.session.head(p.layer, 0);
-                (kv.bytes_per_token(p.session.head_dim) * (p.end - p.start) * p.session.kv_heads) as u64
-            })
+            .map(|(_, p)| p.session.head(p.layer, 0).bytes_read(p.start, p.end) * p.session.kv_heads as u64)
             .sum();
         let computed = tokio::task::spawn_blocking(move || {
             let out = compute(&ready);
@@ -474,11 +474,12 @@ fn compute(ready: &[(usize, Prepared)]) -> Vec<(Vec<f32>, Vec<f32>)> {
     let mut tasks = Vec::new();
     for (qi, (_, p)) in ready.iter().enumerate() {
         let len = p.end - p.start;
-        let piece = len.div_ceil(want).max(MIN_TASK_TOKENS);
+        // Boundaries on key groups: a piece then quantises each group's query once.
+        let piece = len.div_ceil(want).next_multiple_of(layout::KEY_GROUP).max(MIN_TASK_TOKENS);
         for h in 0..p.session.kv_heads {
             let mut a = p.start;
             loop {
-                let b = (a + piece).min(p.end);
+                let b = ((a / layout::KEY_GROUP + piece / layout::KEY_GROUP) * layout::KEY_GROUP).min(p.end);
                 tasks.push((qi, h, a, b));
                 if b >= p.end {
                     break;
@@ -496,7 +497,6 @@ fn compute(ready: &[(usize, Prepared)]) -> Vec<(Vec<f32>, Vec<f32>)> {
             let mut st = State::new(g, d);
             kernel::attend(
                 p.session.head(p.layer, h),
-                d,
                 &p.q[h * g * d..(h + 1) * g * d],
                 p.scale,
                 a,

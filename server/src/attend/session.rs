@@ -1,10 +1,11 @@
 //! Attention sessions: a stored prefix decoded once into an attention-ready
 //! layout, and the table that budgets their memory and expires idle ones.
 //!
-//! Layout: per (layer, KV head) the keys and values of all the session's
-//! tokens are contiguous rows of `head_dim`, so a worker streams one head's
-//! range front to back. Canonical chunks are `[layer][K,V][token][head][dim]`;
-//! decoding scatters each chunk's layer into that head-major order.
+//! A session holds one [`Plane`] per (layer, KV head): that head's keys and
+//! values for all the session's tokens, in the block layout of
+//! [`super::layout`], so a worker streams one head's range front to back.
+//! Canonical chunks are `[layer][K,V][token][head][dim]`; decoding gathers
+//! each layer's rows per head and packs them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,55 +13,21 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use kvault_codec::{Container, Dtype};
 use kvault_proto::Layout;
 use rayon::prelude::*;
 
 use super::AttendError;
 use super::kernel::HeadKv;
-
-/// The in-memory layout of a session's KV.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// f16 keys and values (lossless for f16 caches).
-    F16,
-    /// int8 keys (per-channel scales) and int8 values (per-token scales).
-    Int8,
-    /// int8 keys (per-channel scales) and 4-bit values (per-token scales).
-    K8V4,
-}
+pub use super::layout::Format;
+use super::layout::{Geometry, Plane};
 
 impl Format {
     /// Bytes a session of `tokens` tokens of `layout` holds.
     pub fn session_bytes(self, layout: &Layout, tokens: u64) -> u64 {
         let heads = layout.layers as u64 * layout.kv_heads as u64;
-        let d = layout.head_dim as u64;
-        match self {
-            Format::F16 => heads * tokens * d * 4,
-            Format::Int8 => heads * (tokens * (2 * d + 4) + d * 4),
-            Format::K8V4 => heads * (tokens * (d + d / 2 + 4) + d * 4),
-        }
+        heads * self.plane_bytes(&Geometry::new(tokens as usize, layout.head_dim as usize))
     }
-}
-
-enum Store {
-    F16 {
-        k: Vec<f16>,
-        v: Vec<f16>,
-    },
-    Int8 {
-        k: Vec<i8>,
-        k_scale: Vec<f32>,
-        v: Vec<i8>,
-        v_scale: Vec<f32>,
-    },
-    K8V4 {
-        k: Vec<i8>,
-        k_scale: Vec<f32>,
-        v: Vec<u8>,
-        v_scale: Vec<f32>,
-    },
 }
 
 /// One decoded prefix (or the part of it this server holds).
@@ -75,7 +42,8 @@ pub struct Session {
     pub tokens: usize,
     /// The layout its KV was decoded into.
     pub format: Format,
-    store: Store,
+    /// `[layer][kv head]`.
+    planes: Vec<Plane>,
 }
 
 impl Session {
@@ -83,12 +51,6 @@ impl Session {
     /// full but the last) into `format`. CPU-bound: parallel over layers.
     pub fn build(layout: &Layout, blobs: &[bytes::Bytes], format: Format) -> Result<Session, AttendError> {
         let ct = layout.chunk_tokens as usize;
-        if format == Format::K8V4 && !layout.head_dim.is_multiple_of(2) {
-            return Err(AttendError::InvalidArgument(format!(
-                "the 4-bit value layout needs an even head_dim, the prefix has {}",
-                layout.head_dim
-            )));
-        }
         let (layers, kvh, d) = (
             layout.layers as usize,
             layout.kv_heads as usize,
@@ -122,13 +84,15 @@ impl Session {
             tokens += n;
             containers.push(c);
         }
+        let geo = Geometry::new(tokens, d);
         let plane = tokens * d; // one (layer, head) of K or V
-        let mut k = vec![f16::ZERO; layers * kvh * plane];
-        let mut v = vec![f16::ZERO; layers * kvh * plane];
-        k.par_chunks_mut(kvh * plane)
-            .zip(v.par_chunks_mut(kvh * plane))
-            .enumerate()
-            .try_for_each(|(l, (kl, vl))| -> Result<(), AttendError> {
+        // One layer's head-major rows at a time per thread, packed as soon
+        // as the layer is complete: the f16 copy never exists for the whole session.
+        let per_layer: Vec<Vec<Plane>> = (0..layers)
+            .into_par_iter()
+            .map(|l| -> Result<Vec<Plane>, AttendError> {
+                let mut k = vec![f16::ZERO; kvh * plane];
+                let mut v = vec![f16::ZERO; kvh * plane];
                 let mut buf: Vec<u8> = Vec::new();
                 for (c, &t0) in containers.iter().zip(&starts) {
                     let n = c.header().tokens as usize;
@@ -136,7 +100,7 @@ impl Session {
                     c.decode_layer_into(l as u32, Dtype::F16, &mut buf)
                         .map_err(|e| AttendError::DataLoss(format!("stored chunk does not decode: {e}")))?;
                     // buf: [K,V][token][head][dim] f16 little-endian.
-                    for (p, dst) in [(0usize, &mut *kl), (1, &mut *vl)] {
+                    for (p, dst) in [(0usize, &mut k), (1, &mut v)] {
                         for t in 0..n {
                             for h in 0..kvh {
                                 let src = ((p * n + t) * kvh + h) * d * 2;
@@ -148,157 +112,32 @@ impl Session {
                         }
                     }
                 }
-                Ok(())
-            })?;
-        let store = match format {
-            Format::F16 => Store::F16 { k, v },
-            Format::Int8 => quantize(&k, &v, layers * kvh, tokens, d, false),
-            Format::K8V4 => quantize(&k, &v, layers * kvh, tokens, d, true),
-        };
+                Ok((0..kvh)
+                    .map(|h| {
+                        let r = h * plane..(h + 1) * plane;
+                        Plane::pack(format, &k[r.clone()], &v[r], geo)
+                    })
+                    .collect())
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Session {
             layers,
             kv_heads: kvh,
             head_dim: d,
             tokens,
             format,
-            store,
+            planes: per_layer.into_iter().flatten().collect(),
         })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
-        match &self.store {
-            Store::F16 { k, v } => (k.len() + v.len()) as u64 * 2,
-            Store::Int8 {
-                k,
-                k_scale,
-                v,
-                v_scale,
-            } => (k.len() + v.len()) as u64 + (k_scale.len() + v_scale.len()) as u64 * 4,
-            Store::K8V4 {
-                k,
-                k_scale,
-                v,
-                v_scale,
-            } => (k.len() + v.len()) as u64 + (k_scale.len() + v_scale.len()) as u64 * 4,
-        }
+        self.planes.iter().map(Plane::bytes).sum()
     }
 
     /// The KV of one (layer, KV head).
     pub fn head(&self, layer: usize, head: usize) -> HeadKv<'_> {
-        let i = layer * self.kv_heads + head;
-        let plane = self.tokens * self.head_dim;
-        let rows = i * plane..(i + 1) * plane;
-        match &self.store {
-            Store::F16 { k, v } => HeadKv::F16 {
-                k: &k[rows.clone()],
-                v: &v[rows],
-            },
-            Store::Int8 {
-                k,
-                k_scale,
-                v,
-                v_scale,
-            } => HeadKv::Int8 {
-                k: &k[rows.clone()],
-                k_scale: &k_scale[i * self.head_dim..(i + 1) * self.head_dim],
-                v: &v[rows],
-                v_scale: &v_scale[i * self.tokens..(i + 1) * self.tokens],
-            },
-            Store::K8V4 {
-                k,
-                k_scale,
-                v,
-                v_scale,
-            } => HeadKv::K8V4 {
-                k: &k[rows],
-                k_scale: &k_scale[i * self.head_dim..(i + 1) * self.head_dim],
-                v: &v[i * plane / 2..(i + 1) * plane / 2],
-                v_scale: &v_scale[i * self.tokens..(i + 1) * self.tokens],
-            },
-        }
-    }
-}
-
-/// Keys per channel over the session's tokens (the scale of channel c goes
-/// into q_c at query time), values per token to int8 or (`v4`) 4 bits.
-/// Rows are widened to f32 a slice at a time (`half`'s scalar conversion
-/// is a call per element).
-fn quantize(k: &[f16], v: &[f16], heads: usize, tokens: usize, d: usize, v4: bool) -> Store {
-    let plane = tokens * d;
-    let mut kq = vec![0i8; k.len()];
-    let mut k_scale = vec![0f32; heads * d];
-    let mut v_scale = vec![0f32; heads * tokens];
-    kq.par_chunks_mut(plane.max(1))
-        .zip(k_scale.par_chunks_mut(d))
-        .enumerate()
-        .for_each(|(h, (q, sc))| {
-            let src = &k[h * plane..(h + 1) * plane];
-            let mut row = vec![0f32; d];
-            // One row-major pass for every channel's max (a pass per channel would stride).
-            sc.fill(0.0);
-            for r in src.chunks_exact(d) {
-                r.convert_to_f32_slice(&mut row);
-                for (m, x) in sc.iter_mut().zip(&row) {
-                    *m = m.max(x.abs());
-                }
-            }
-            for s in sc.iter_mut() {
-                *s = if *s > 0.0 { *s / 127.0 } else { 1.0 };
-            }
-            for (out, r) in q.chunks_exact_mut(d).zip(src.chunks_exact(d)) {
-                r.convert_to_f32_slice(&mut row);
-                for ((o, x), s) in out.iter_mut().zip(&row).zip(sc.iter()) {
-                    *o = (x / s).round().clamp(-127.0, 127.0) as i8;
-                }
-            }
-        });
-    // Values per token: `levels` steps each side of zero.
-    let token_row = |src: &[f16], row: &mut [f32], levels: f32| -> f32 {
-        src.convert_to_f32_slice(row);
-        let max = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        if max > 0.0 { max / levels } else { 1.0 }
-    };
-    if v4 {
-        let mut vq = vec![0u8; v.len() / 2];
-        vq.par_chunks_mut(d / 2)
-            .zip(v_scale.par_iter_mut())
-            .zip(v.par_chunks(d))
-            .for_each_init(
-                || vec![0f32; d],
-                |row, ((q, s), src)| {
-                    *s = token_row(src, row, 7.0);
-                    let code = |x: f32| ((x / *s).round().clamp(-7.0, 7.0) + 8.0) as u8;
-                    for (o, pair) in q.iter_mut().zip(row.chunks_exact(2)) {
-                        *o = code(pair[0]) | code(pair[1]) << 4;
-                    }
-                },
-            );
-        return Store::K8V4 {
-            k: kq,
-            k_scale,
-            v: vq,
-            v_scale,
-        };
-    }
-    let mut vq = vec![0i8; v.len()];
-    vq.par_chunks_mut(d)
-        .zip(v_scale.par_iter_mut())
-        .zip(v.par_chunks(d))
-        .for_each_init(
-            || vec![0f32; d],
-            |row, ((q, s), src)| {
-                *s = token_row(src, row, 127.0);
-                for (o, x) in q.iter_mut().zip(row.iter()) {
-                    *o = (x / *s).round().clamp(-127.0, 127.0) as i8;
-                }
-            },
-        );
-    Store::Int8 {
-        k: kq,
-        k_scale,
-        v: vq,
-        v_scale,
+        self.planes[layer * self.kv_heads + head].view()
     }
 }
 
@@ -483,16 +322,18 @@ mod tests {
         let s = Session::build(&layout(), &blobs, Format::F16).unwrap();
         assert_eq!(s.tokens, 7);
         assert_eq!(s.bytes(), Format::F16.session_bytes(&layout(), 7));
-        // Layer 1, V, token 5 (chunk 1 token 1), head 1, dim 3.
-        let HeadKv::F16 { v, .. } = s.head(1, 1) else {
-            panic!()
-        };
-        // Index in chunk 1: ((layer 1 · 2 + V) · 3 tokens + token 1) · 2 heads + head 1, then dim 3.
-        let (layer, p, t, h) = (1, 1, 1, 1);
-        let idx_in_chunk = (((layer * 2 + p) * 3 + t) * 2 + h) * 8 + 3;
-        let want = f16::from_f32(100.0 + idx_in_chunk as f32 * 0.01);
-        assert_eq!(v[5 * 8 + 3], want);
-        for f in [Format::Int8, Format::K8V4] {
+        // Layer 1, token 5 (chunk 1 token 1), head 1, dim 3, K and V:
+        // index in chunk 1 ((layer 1 · 2 + K|V) · 3 tokens + token 1) · 2 heads + head 1, then dim 3.
+        let (layer, t, h) = (1, 1, 1);
+        let at = |p: usize| f16::from_f32(100.0 + ((((layer * 2 + p) * 3 + t) * 2 + h) * 8 + 3) as f32 * 0.01);
+        let kv = s.head(1, 1);
+        assert_eq!(kv.key(5, 3), at(0).to_f32());
+        assert_eq!(kv.value(5, 3), at(1).to_f32());
+        // Chunk 0, token 2, head 0, layer 0, dim 7.
+        let at0 = |p: usize| f16::from_f32(((p * 4 + 2) * 2 * 8 + 7) as f32 * 0.01);
+        assert_eq!(s.head(0, 0).key(2, 7), at0(0).to_f32());
+        assert_eq!(s.head(0, 0).value(2, 7), at0(1).to_f32());
+        for f in [Format::Int8, Format::K8V4, Format::K4V4] {
             let q = Session::build(&layout(), &blobs, f).unwrap();
             assert_eq!(q.bytes(), f.session_bytes(&layout(), 7), "{f:?}");
         }
