@@ -393,6 +393,11 @@ fn warmup_then_ask_through_a_real_server() {
     };
     assert!(ids(&cached).is_some(), "{cached}");
     assert_eq!(ids(&offloaded), ids(&cached));
+    // A quantised layout on the server decodes the same way (lossy: its
+    // tokens may differ).
+    let k4 = ask(&["--offload", "--offload-layout", "k4v4"]);
+    assert!(k4.contains("attention offloaded: 336 prefix tokens"), "{k4}");
+    assert!(ids(&k4).is_some(), "{k4}");
 }
 
 /// The README's main command, end to end (a short answer to keep it quick).

@@ -52,7 +52,10 @@ fn main() {
         let (k, v) = (rows(t, 0), rows(t, 17));
         let geo = Geometry::new(t, D);
         for f in [Format::F16, Format::Int8, Format::K8V4, Format::K4V4] {
-            let planes: Vec<Plane> = (0..n).into_par_iter().map(|_| Plane::pack(f, &k, &v, geo)).collect();
+            let planes: Vec<Plane> = (0..n)
+                .into_par_iter()
+                .map(|_| Plane::pack(f, &k, &v, geo))
+                .collect();
             let bytes = planes[0].bytes() as f64;
             let one = time(&planes[..n.min(8)], &q, false) / n.min(8) as f64;
             let all = time(&planes, &q, true) / n as f64;

@@ -48,10 +48,39 @@ pub struct AskArgs {
     #[arg(long)]
     pub no_cache: bool,
     /// Leave the stored prefix's KV on the server and have the server compute
-    /// attention over it (lossless f16 layout); only the uncached rest, the
-    /// question and the answer are held here.
+    /// attention over it; only the uncached rest, the question and the answer
+    /// are held here.
     #[arg(long, conflicts_with = "no_cache")]
     pub offload: bool,
+    /// The server's layout of the offloaded KV: f16 is lossless for f16
+    /// caches; int8, k8v4 and k4v4 read 0.52, 0.40 and 0.28 of its bytes.
+    #[arg(long, value_enum, default_value_t = OffloadLayout::F16, requires = "offload")]
+    pub offload_layout: OffloadLayout,
+}
+
+/// `--offload-layout`: the attention layouts of `kvault.v1.AttendFormat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OffloadLayout {
+    /// f16 keys and values.
+    F16,
+    /// int8 keys and values.
+    Int8,
+    /// int8 keys, 4-bit values.
+    K8v4,
+    /// 4-bit keys and values.
+    K4v4,
+}
+
+impl OffloadLayout {
+    fn format(self) -> kvault_client::attend::AttendFormat {
+        use kvault_client::attend::AttendFormat;
+        match self {
+            OffloadLayout::F16 => AttendFormat::F16,
+            OffloadLayout::Int8 => AttendFormat::Int8,
+            OffloadLayout::K8v4 => AttendFormat::K8v4,
+            OffloadLayout::K4v4 => AttendFormat::K4v4,
+        }
+    }
 }
 
 /// Where the time to first token went.
@@ -179,8 +208,9 @@ pub enum Mode {
     Fetch,
     /// Recompute the whole prefix.
     NoCache,
-    /// Leave the stored prefix on the server; it computes attention over it.
-    Offload,
+    /// Leave the stored prefix on the server; it computes attention over it
+    /// in this layout.
+    Offload(OffloadLayout),
 }
 
 /// Answers with the stored prefix's attention computed by the server: the
@@ -192,9 +222,10 @@ async fn ask_offloaded(
     ids: &[u32],
     q: &[u32],
     max_new: usize,
+    layout_kind: OffloadLayout,
 ) -> anyhow::Result<AskReport> {
+    use kvault_client::attend::Offload;
     use kvault_client::attend::model::ServerAttention;
-    use kvault_client::attend::{AttendFormat, Offload};
     use std::sync::atomic::Ordering;
     let ct = layout.chunk_tokens as usize;
     let mut ttft = Ttft::default();
@@ -213,7 +244,7 @@ async fn ask_offloaded(
     let (servers, shards) = client.attend_shards(layout, &keys[..found])?;
     let mut off = Offload::connect(&servers).await?;
     let prefix = off
-        .open_prefix(layout, &keys[..found], tokens, &shards, AttendFormat::F16)
+        .open_prefix(layout, &keys[..found], tokens, &shards, layout_kind.format())
         .await?;
     ttft.fetch = t.elapsed();
     let remote = ServerAttention::new(off, prefix, model.config().heads);
@@ -262,8 +293,8 @@ pub async fn ask(
             q.len()
         );
     }
-    if mode == Mode::Offload {
-        return ask_offloaded(model, client, layout, ids, &q, max_new).await;
+    if let Mode::Offload(kind) = mode {
+        return ask_offloaded(model, client, layout, ids, &q, max_new, kind).await;
     }
     let mut ttft = Ttft::default();
     let fetched = if mode == Mode::NoCache {
@@ -343,7 +374,7 @@ pub async fn run(a: AskArgs) -> anyhow::Result<()> {
     let client = a.server.connect().await?;
     let mode = match (a.no_cache, a.offload) {
         (true, _) => Mode::NoCache,
-        (_, true) => Mode::Offload,
+        (_, true) => Mode::Offload(a.offload_layout),
         _ => Mode::Fetch,
     };
     let r = ask(&model, &client, &layout, &ids, &a.prompt, a.max_new, mode).await?;

@@ -426,7 +426,15 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
     );
     println!(
         "  {:<6} {:>14} {:>10} {:>13} {:>9} {:>9} {:>8} {:>9} {:>13}",
-        "layout", "session bytes", "open (ms)", "B/token/head", "GB/s", "of triad", "of read", "Mtok/s", "vs f16 tok/s"
+        "layout",
+        "session bytes",
+        "open (ms)",
+        "B/token/head",
+        "GB/s",
+        "of triad",
+        "of read",
+        "Mtok/s",
+        "vs f16 tok/s"
     );
     let heads = (a.layers * KV_HEADS) as f64 * a.tokens as f64;
     let f16_rate = steps[0] * a.layers as f64 * a.tokens as f64;

@@ -214,7 +214,8 @@ impl QuantQ {
                     continue;
                 }
                 for (j, xy) in alpha.chunks_exact(2).enumerate() {
-                    self.bcast[j * g + h] = [(xy[0] as i8 as u8 as u16) | ((xy[1] as i8 as u8 as u16) << 8); 16];
+                    self.bcast[j * g + h] =
+                        [(xy[0] as i8 as u8 as u16) | ((xy[1] as i8 as u8 as u16) << 8); 16];
                 }
             }
         }
@@ -370,7 +371,11 @@ fn tile<const SIMD: bool, const NH: usize>(
         row[hi..].fill(f32::NEG_INFINITY);
     }
     let acc = &mut st.acc[h0 * dp..(h0 + NH) * dp];
-    let (m, l, z) = (&mut st.m[h0..h0 + NH], &mut st.l[h0..h0 + NH], &mut st.z[h0..h0 + NH]);
+    let (m, l, z) = (
+        &mut st.m[h0..h0 + NH],
+        &mut st.l[h0..h0 + NH],
+        &mut st.z[h0..h0 + NH],
+    );
     #[cfg(target_arch = "x86_64")]
     if SIMD {
         // SAFETY: as above.
@@ -407,7 +412,11 @@ fn tile<const SIMD: bool, const NH: usize>(
             portable::values_i8::<NH>(v, sc, s, acc, dp);
         }
         Values::U4 { v, scale, offset } => {
-            let (v, sc, off) = (&v[t.start * dp / 2..t.end * dp / 2], &scale[t.clone()], &offset[t]);
+            let (v, sc, off) = (
+                &v[t.start * dp / 2..t.end * dp / 2],
+                &scale[t.clone()],
+                &offset[t],
+            );
             #[cfg(target_arch = "x86_64")]
             if SIMD {
                 // SAFETY: as above.
@@ -425,7 +434,11 @@ fn tile<const SIMD: bool, const NH: usize>(
 /// (`w ≈ step·π`) and the reciprocal used, so that every build rounds alike.
 #[inline(always)]
 fn weight_step(wmax: f32, lim: f32) -> (f32, f32) {
-    if wmax > 0.0 { (wmax / lim, lim / wmax) } else { (0.0, 0.0) }
+    if wmax > 0.0 {
+        (wmax / lim, lim / wmax)
+    } else {
+        (0.0, 0.0)
+    }
 }
 
 /// `x ↦ e^x` for `x ≤ 0` (scores minus their running max): 2^n·p(f) with a
@@ -447,15 +460,31 @@ const EXP_LOG2E: f32 = std::f32::consts::LOG2_E;
 const EXP_LN2_HI: f32 = 0.693_145_75;
 const EXP_LN2_LO: f32 = 1.428_606_8e-6;
 /// Taylor-like coefficients of e^f on [-ln2/2, ln2/2], lowest order first.
-const EXP_C: [f32; 7] = [1.0, 1.0, 0.5, 1.666_666_7e-1, 4.166_579_6e-2, 8.333_452e-3, 1.394_275_5e-3];
+const EXP_C: [f32; 7] = [
+    1.0,
+    1.0,
+    0.5,
+    1.666_666_7e-1,
+    4.166_579_6e-2,
+    8.333_452e-3,
+    1.394_275_5e-3,
+];
 
 /// The portable build of each stage: the same arithmetic as [`avx2`], in
 /// plain loops.
+// Heads, tokens and channels index several arrays at once: index loops read plainest.
+#[allow(clippy::needless_range_loop)]
 mod portable {
     use super::*;
 
     /// `a = q·scale`, `α = round(a / sig)`; returns `(sig, Σα)`.
-    pub fn quantise_query(q: &[f32], scale: &[f32], lim: f32, a: &mut [f32], alpha: &mut [i16]) -> (f32, i32) {
+    pub fn quantise_query(
+        q: &[f32],
+        scale: &[f32],
+        lim: f32,
+        a: &mut [f32],
+        alpha: &mut [i16],
+    ) -> (f32, i32) {
         let mut amax = 0f32;
         for ((x, qc), sc) in a.iter_mut().zip(q).zip(scale) {
             *x = qc * sc;
@@ -616,6 +645,7 @@ mod portable {
 /// from inside [`attend_avx2`], whose target features they inherit.
 /// Callers pass slices of at least one whole block (the loads are unchecked).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
 mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
@@ -667,14 +697,23 @@ mod avx2 {
 
     /// [`portable::quantise_query`] on eight lanes.
     #[inline(always)]
-    pub unsafe fn quantise_query(q: &[f32], scale: &[f32], lim: f32, a: &mut [f32], alpha: &mut [i16]) -> (f32, i32) {
+    pub unsafe fn quantise_query(
+        q: &[f32],
+        scale: &[f32],
+        lim: f32,
+        a: &mut [f32],
+        alpha: &mut [i16],
+    ) -> (f32, i32) {
         let dp = q.len();
-        debug_assert!(dp % 16 == 0 && scale.len() >= dp && a.len() >= dp && alpha.len() >= dp);
+        debug_assert!(dp.is_multiple_of(16) && scale.len() >= dp && a.len() >= dp && alpha.len() >= dp);
         unsafe {
             let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
             let mut mx = _mm256_setzero_ps();
             for c in (0..dp).step_by(8) {
-                let x = _mm256_mul_ps(_mm256_loadu_ps(q.as_ptr().add(c)), _mm256_loadu_ps(scale.as_ptr().add(c)));
+                let x = _mm256_mul_ps(
+                    _mm256_loadu_ps(q.as_ptr().add(c)),
+                    _mm256_loadu_ps(scale.as_ptr().add(c)),
+                );
                 _mm256_storeu_ps(a.as_mut_ptr().add(c), x);
                 mx = _mm256_max_ps(mx, _mm256_and_ps(x, abs));
             }
@@ -702,7 +741,7 @@ mod avx2 {
     #[inline(always)]
     pub unsafe fn broadcast_pairs(alpha: &[i16], out: &mut [[u16; 16]], g: usize, h: usize) {
         let dp = alpha.len();
-        debug_assert!(dp % 16 == 0 && out.len() >= dp / 2 * g && h < g);
+        debug_assert!(dp.is_multiple_of(16) && out.len() >= dp / 2 * g && h < g);
         unsafe {
             let o = out.as_mut_ptr() as *mut __m256i;
             // Shuffle j repeats bytes 2j, 2j+1 of each lane.
@@ -714,8 +753,14 @@ mod avx2 {
             ];
             for c in (0..dp).step_by(16) {
                 // Bytes 0..8 of each lane: channels c..c+8, then c+8..c+16.
-                let b = _mm256_packs_epi16(_mm256_loadu_si256(alpha.as_ptr().add(c) as *const __m256i), _mm256_setzero_si256());
-                let (lo, hi) = (_mm256_permute2x128_si256(b, b, 0x00), _mm256_permute2x128_si256(b, b, 0x11));
+                let b = _mm256_packs_epi16(
+                    _mm256_loadu_si256(alpha.as_ptr().add(c) as *const __m256i),
+                    _mm256_setzero_si256(),
+                );
+                let (lo, hi) = (
+                    _mm256_permute2x128_si256(b, b, 0x00),
+                    _mm256_permute2x128_si256(b, b, 0x11),
+                );
                 let j0 = c / 2;
                 for (i, m) in masks.iter().enumerate() {
                     _mm256_storeu_si256(o.add((j0 + i) * g + h), _mm256_shuffle_epi8(lo, *m));
@@ -776,8 +821,14 @@ mod avx2 {
             }
             for h in 0..NH {
                 let (sg, c) = (_mm256_set1_ps(sig[h]), _mm256_set1_ps(cst[h]));
-                _mm256_storeu_ps(s[h].as_mut_ptr(), _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0[h]), sg, c));
-                _mm256_storeu_ps(s[h].as_mut_ptr().add(8), _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1[h]), sg, c));
+                _mm256_storeu_ps(
+                    s[h].as_mut_ptr(),
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0[h]), sg, c),
+                );
+                _mm256_storeu_ps(
+                    s[h].as_mut_ptr().add(8),
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1[h]), sg, c),
+                );
             }
         }
     }
@@ -788,7 +839,10 @@ mod avx2 {
     unsafe fn unpack2(p: *const __m256i, mask: __m256i) -> (__m256i, __m256i) {
         unsafe {
             let x = _mm256_loadu_si256(p);
-            (_mm256_and_si256(x, mask), _mm256_and_si256(_mm256_srli_epi16(x, 4), mask))
+            (
+                _mm256_and_si256(x, mask),
+                _mm256_and_si256(_mm256_srli_epi16(x, 4), mask),
+            )
         }
     }
 
@@ -823,13 +877,20 @@ mod avx2 {
                 }
                 for h in 0..NH {
                     a0[h] = _mm256_add_epi32(a0[h], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(a16[h])));
-                    a1[h] = _mm256_add_epi32(a1[h], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a16[h], 1)));
+                    a1[h] =
+                        _mm256_add_epi32(a1[h], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a16[h], 1)));
                 }
             }
             for h in 0..NH {
                 let (sg, c) = (_mm256_set1_ps(sig[h]), _mm256_set1_ps(cst[h]));
-                _mm256_storeu_ps(s[h].as_mut_ptr(), _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0[h]), sg, c));
-                _mm256_storeu_ps(s[h].as_mut_ptr().add(8), _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1[h]), sg, c));
+                _mm256_storeu_ps(
+                    s[h].as_mut_ptr(),
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0[h]), sg, c),
+                );
+                _mm256_storeu_ps(
+                    s[h].as_mut_ptr().add(8),
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1[h]), sg, c),
+                );
             }
         }
     }
@@ -871,7 +932,12 @@ mod avx2 {
     }
 
     #[inline(always)]
-    pub unsafe fn values_f16<const NH: usize>(v: &[f16], p: &[[f32; BLOCK]; TILE], acc: &mut [f32], dp: usize) {
+    pub unsafe fn values_f16<const NH: usize>(
+        v: &[f16],
+        p: &[[f32; BLOCK]; TILE],
+        acc: &mut [f32],
+        dp: usize,
+    ) {
         debug_assert!(v.len() >= dp * BLOCK && acc.len() >= NH * dp);
         unsafe {
             let vp = v.as_ptr() as *const __m128i;
@@ -907,11 +973,20 @@ mod avx2 {
     unsafe fn quantise_weights(p: &[f32; BLOCK], scale: &[f32], lim: f32) -> (f32, __m256i) {
         unsafe {
             let w0 = _mm256_mul_ps(_mm256_loadu_ps(p.as_ptr()), _mm256_loadu_ps(scale.as_ptr()));
-            let w1 = _mm256_mul_ps(_mm256_loadu_ps(p.as_ptr().add(8)), _mm256_loadu_ps(scale.as_ptr().add(8)));
+            let w1 = _mm256_mul_ps(
+                _mm256_loadu_ps(p.as_ptr().add(8)),
+                _mm256_loadu_ps(scale.as_ptr().add(8)),
+            );
             let (step, inv) = weight_step(hmax(_mm256_max_ps(w0, w1)), lim);
             let iv = _mm256_set1_ps(inv);
-            let (i0, i1) = (_mm256_cvtps_epi32(_mm256_mul_ps(w0, iv)), _mm256_cvtps_epi32(_mm256_mul_ps(w1, iv)));
-            (step, _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0b11_01_10_00))
+            let (i0, i1) = (
+                _mm256_cvtps_epi32(_mm256_mul_ps(w0, iv)),
+                _mm256_cvtps_epi32(_mm256_mul_ps(w1, iv)),
+            );
+            (
+                step,
+                _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0b11_01_10_00),
+            )
         }
     }
 
@@ -951,7 +1026,10 @@ mod avx2 {
                 for h in 0..NH {
                     let st = _mm256_set1_ps(step[h]);
                     let o = ap.add(h * dp + c);
-                    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0[h]), st, _mm256_loadu_ps(o)));
+                    _mm256_storeu_ps(
+                        o,
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0[h]), st, _mm256_loadu_ps(o)),
+                    );
                     _mm256_storeu_ps(
                         o.add(8),
                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1[h]), st, _mm256_loadu_ps(o.add(8))),
@@ -982,7 +1060,10 @@ mod avx2 {
                 let zp = _mm256_fmadd_ps(
                     _mm256_loadu_ps(p[h].as_ptr()),
                     _mm256_loadu_ps(offset.as_ptr()),
-                    _mm256_mul_ps(_mm256_loadu_ps(p[h].as_ptr().add(8)), _mm256_loadu_ps(offset.as_ptr().add(8))),
+                    _mm256_mul_ps(
+                        _mm256_loadu_ps(p[h].as_ptr().add(8)),
+                        _mm256_loadu_ps(offset.as_ptr().add(8)),
+                    ),
                 );
                 z[h] += hsum(zp);
                 // Lane j = π(2j) + 256·π(2j+1), doubled into both halves, then broadcast.
@@ -1004,7 +1085,10 @@ mod avx2 {
                     let (c0, c1) = unpack2(vp.add((u * 8 + j) / 2), mask);
                     let (c0, c1) = (_mm256_sub_epi8(c0, eight), _mm256_sub_epi8(c1, eight));
                     for h in 0..NH {
-                        let x = _mm256_add_epi16(_mm256_maddubs_epi16(pb[h][j], c0), _mm256_maddubs_epi16(pb[h][j + 1], c1));
+                        let x = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(pb[h][j], c0),
+                            _mm256_maddubs_epi16(pb[h][j + 1], c1),
+                        );
                         a16[h] = _mm256_add_epi16(a16[h], x);
                     }
                 }
@@ -1060,10 +1144,23 @@ mod tests {
 
     /// The kernel's `(o, lse)`: one pass, or `t0..t1` split at `mid` and merged.
     #[allow(clippy::too_many_arguments)]
-    fn run(kv: HeadKv<'_>, q: &[f32], g: usize, scale: f32, t0: usize, t1: usize, split: Option<usize>, simd: bool) -> (Vec<f32>, Vec<f32>) {
+    fn run(
+        kv: HeadKv<'_>,
+        q: &[f32],
+        g: usize,
+        scale: f32,
+        t0: usize,
+        t1: usize,
+        split: Option<usize>,
+        simd: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
         let d = kv.geo.d;
         let go = |st: &mut State, a, b| {
-            if simd { attend(kv, q, scale, a, b, st) } else { attend_portable(kv, q, scale, a, b, st) }
+            if simd {
+                attend(kv, q, scale, a, b, st)
+            } else {
+                attend_portable(kv, q, scale, a, b, st)
+            }
         };
         let mut st = State::new(g, d);
         match split {
@@ -1089,7 +1186,11 @@ mod tests {
         let eps_q = match kv.keys {
             Keys::F16(_) => 0.0,
             Keys::I8 { scale: ks, .. } | Keys::U4 { scale: ks, .. } => {
-                let (lim, kmax) = if matches!(kv.keys, Keys::I8 { .. }) { (i16_query_limit(dp) as f64, 127.0) } else { (127.0, 8.0) };
+                let (lim, kmax) = if matches!(kv.keys, Keys::I8 { .. }) {
+                    (i16_query_limit(dp) as f64, 127.0)
+                } else {
+                    (127.0, 8.0)
+                };
                 let amax = (t0 / KEY_GROUP..t1.div_ceil(KEY_GROUP))
                     .flat_map(|g| (0..d).map(move |c| (g, c)))
                     .map(|(g, c)| (scale * q[c] * ks[g * dp + c]).abs() as f64)
@@ -1112,7 +1213,10 @@ mod tests {
         let check = |got: &[f32]| {
             for (x, y) in xs.iter().zip(got) {
                 let want = x.exp();
-                assert!(((y - want) / want.max(1e-30)).abs() < 1e-6, "exp({x}) = {y}, want {want}");
+                assert!(
+                    ((y - want) / want.max(1e-30)).abs() < 1e-6,
+                    "exp({x}) = {y}, want {want}"
+                );
             }
         };
         check(&xs.iter().map(|x| exp_neg(*x)).collect::<Vec<_>>());
@@ -1133,7 +1237,10 @@ mod tests {
             let got = unsafe { exp_all(&xs) };
             check(&got);
             // SAFETY: as above.
-            assert_eq!(unsafe { exp_all(&[-100.0, -87.5, 0.0, -1e30, f32::NEG_INFINITY, -0.5, -1.0, -2.0]) }[..5], [0.0, 0.0, 1.0, 0.0, 0.0]);
+            assert_eq!(
+                unsafe { exp_all(&[-100.0, -87.5, 0.0, -1e30, f32::NEG_INFINITY, -0.5, -1.0, -2.0]) }[..5],
+                [0.0, 0.0, 1.0, 0.0, 0.0]
+            );
         }
     }
 
@@ -1150,11 +1257,20 @@ mod tests {
             for f in FORMATS {
                 let plane = Plane::pack(f, &k, &v, geo);
                 let kv = plane.view();
-                let vmax = (0..t).flat_map(|i| (0..d).map(move |c| (i, c))).map(|(i, c)| kv.value(i, c).abs()).fold(0f32, f32::max) as f64;
+                let vmax = (0..t)
+                    .flat_map(|i| (0..d).map(move |c| (i, c)))
+                    .map(|(i, c)| kv.value(i, c).abs())
+                    .fold(0f32, f32::max) as f64;
                 for g in [1usize, 3, 4, 6] {
                     let q: Vec<f32> = (0..g * d).map(|_| rng.random_range(-2.0f32..2.0)).collect();
                     let scale = 1.0 / (d as f32).sqrt();
-                    for (t0, t1, split) in [(0, t, Some(100)), (5, t - 7, None), (17, 18, None), (130, t, Some(131)), (3, 29, Some(16))] {
+                    for (t0, t1, split) in [
+                        (0, t, Some(100)),
+                        (5, t - 7, None),
+                        (17, 18, None),
+                        (130, t, Some(131)),
+                        (3, 29, Some(16)),
+                    ] {
                         for simd in [true, false] {
                             let (o, lse) = run(kv, &q, g, scale, t0, t1, split, simd);
                             for h in 0..g {
@@ -1163,10 +1279,19 @@ mod tests {
                                 let (eq, ew) = rounding_bounds(&kv, qh, scale, t0, t1);
                                 let tol_o = (2.0 * eq).exp_m1() * vmax + ew + 1e-5 * (1.0 + vmax);
                                 let tol_l = eq + 1e-5 * (1.0 + rl.abs());
-                                assert!((lse[h] as f64 - rl).abs() <= tol_l, "{f:?} g {g} {t0}..{t1} simd {simd}: lse {} vs {rl}", lse[h]);
+                                assert!(
+                                    (lse[h] as f64 - rl).abs() <= tol_l,
+                                    "{f:?} g {g} {t0}..{t1} simd {simd}: lse {} vs {rl}",
+                                    lse[h]
+                                );
                                 for c in 0..d {
                                     let e = (o[h * d + c] as f64 - ro[c]).abs();
-                                    assert!(e <= tol_o, "{f:?} d {d} g {g} {t0}..{t1} simd {simd}: o[{h}][{c}] = {}, want {} (tolerance {tol_o})", o[h * d + c], ro[c]);
+                                    assert!(
+                                        e <= tol_o,
+                                        "{f:?} d {d} g {g} {t0}..{t1} simd {simd}: o[{h}][{c}] = {}, want {} (tolerance {tol_o})",
+                                        o[h * d + c],
+                                        ro[c]
+                                    );
                                 }
                             }
                         }
@@ -1203,8 +1328,12 @@ mod tests {
     #[test]
     fn long_heads_do_not_overflow_the_integer_sums() {
         let (t, d, g) = (40usize, 1040usize, 2usize);
-        let k: Vec<f16> = (0..t * d).map(|i| f16::from_f32(if (i / d) % 2 == 0 { 3.0 } else { -3.0 })).collect();
-        let v: Vec<f16> = (0..t * d).map(|i| f16::from_f32(((i % 7) as f32 - 3.0) * 0.5)).collect();
+        let k: Vec<f16> = (0..t * d)
+            .map(|i| f16::from_f32(if (i / d) % 2 == 0 { 3.0 } else { -3.0 }))
+            .collect();
+        let v: Vec<f16> = (0..t * d)
+            .map(|i| f16::from_f32(((i % 7) as f32 - 3.0) * 0.5))
+            .collect();
         let q = vec![0.5f32; g * d];
         assert!(i16_query_limit(padded_dim(d)) * 127.0 * padded_dim(d) as f32 <= i32::MAX as f32);
         for f in FORMATS {
@@ -1214,9 +1343,16 @@ mod tests {
                 let (o, lse) = run(kv, &q, g, 0.01, 0, t, None, simd);
                 let (ro, rl) = reference(&kv, &q[..d], 0.01, 0, t);
                 let (eq, ew) = rounding_bounds(&kv, &q[..d], 0.01, 0, t);
-                assert!((lse[0] as f64 - rl).abs() <= eq + 1e-5 * (1.0 + rl.abs()), "{f:?}: lse {} vs {rl}", lse[0]);
+                assert!(
+                    (lse[0] as f64 - rl).abs() <= eq + 1e-5 * (1.0 + rl.abs()),
+                    "{f:?}: lse {} vs {rl}",
+                    lse[0]
+                );
                 for c in 0..d {
-                    assert!((o[c] as f64 - ro[c]).abs() <= (2.0 * eq).exp_m1() * 1.5 + ew + 2e-5, "{f:?} simd {simd} o[{c}]");
+                    assert!(
+                        (o[c] as f64 - ro[c]).abs() <= (2.0 * eq).exp_m1() * 1.5 + ew + 2e-5,
+                        "{f:?} simd {simd} o[{c}]"
+                    );
                 }
             }
         }

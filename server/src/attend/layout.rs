@@ -222,9 +222,14 @@ impl HeadKv<'_> {
         let ok_values = match self.values {
             Values::F16(v) => v.len() >= pt * dp,
             Values::I8 { v, scale } => v.len() >= pt * dp && scale.len() >= pt,
-            Values::U4 { v, scale, offset } => v.len() >= pt * dp / 2 && scale.len() >= pt && offset.len() >= pt,
+            Values::U4 { v, scale, offset } => {
+                v.len() >= pt * dp / 2 && scale.len() >= pt && offset.len() >= pt
+            }
         };
-        assert!(ok_keys && ok_values, "attention plane slices do not match its geometry");
+        assert!(
+            ok_keys && ok_values,
+            "attention plane slices do not match its geometry"
+        );
     }
 
     /// Bytes a pass over tokens `t0..t1` reads: the blocks and key groups
@@ -286,7 +291,7 @@ impl HeadKv<'_> {
 #[inline(always)]
 pub fn nibble(buf: &[u8], u: usize, p: usize) -> u8 {
     let b = buf[u / 2 * 32 + p];
-    if u % 2 == 0 { b & 0x0f } else { b >> 4 }
+    if u.is_multiple_of(2) { b & 0x0f } else { b >> 4 }
 }
 
 /// One plane, owned.
@@ -443,7 +448,7 @@ fn u4_code(x: f32, lo: f32, s: f32) -> u8 {
 /// Sets the code at position `p` of 4-bit unit `unit` (see [`nibble`]).
 fn put_nibble(buf: &mut [u8], unit: usize, p: usize, code: u8) {
     let byte = &mut buf[unit / 2 * 32 + p];
-    if unit % 2 == 0 {
+    if unit.is_multiple_of(2) {
         *byte = (*byte & 0xf0) | code;
     } else {
         *byte = (*byte & 0x0f) | (code << 4);
@@ -525,8 +530,12 @@ mod tests {
     fn layouts_hold_every_element_within_half_a_step() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         for (t, d) in [(301usize, 40usize), (16, 16), (1, 2), (130, 128)] {
-            let mut k: Vec<f16> = (0..t * d).map(|_| f16::from_f32(rng.random_range(-2.0f32..2.0))).collect();
-            let mut v: Vec<f16> = (0..t * d).map(|_| f16::from_f32(rng.random_range(-3.0f32..1.0))).collect();
+            let mut k: Vec<f16> = (0..t * d)
+                .map(|_| f16::from_f32(rng.random_range(-2.0f32..2.0)))
+                .collect();
+            let mut v: Vec<f16> = (0..t * d)
+                .map(|_| f16::from_f32(rng.random_range(-3.0f32..1.0)))
+                .collect();
             // A constant key channel and a constant value row.
             for i in 0..t {
                 k[i * d] = f16::from_f32(0.75);
@@ -548,7 +557,9 @@ mod tests {
                         Format::F16 => 0.0,
                         Format::Int8 => row.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0,
                         Format::K8V4 | Format::K4V4 => {
-                            (row.iter().copied().fold(f32::MIN, f32::max) - row.iter().copied().fold(f32::MAX, f32::min)) / 15.0
+                            (row.iter().copied().fold(f32::MIN, f32::max)
+                                - row.iter().copied().fold(f32::MAX, f32::min))
+                                / 15.0
                         }
                     };
                     for c in 0..d {
@@ -557,13 +568,20 @@ mod tests {
                             Format::F16 => 0.0,
                             Format::Int8 | Format::K8V4 => col.fold(0f32, |m, x| m.max(x.abs())) / 127.0,
                             Format::K4V4 => {
-                                let (lo, hi) = col.fold((f32::MAX, f32::MIN), |(a, b), x| (a.min(x), b.max(x)));
+                                let (lo, hi) =
+                                    col.fold((f32::MAX, f32::MIN), |(a, b), x| (a.min(x), b.max(x)));
                                 (hi - lo) / 15.0
                             }
                         };
                         let (kx, vx) = (kf[i * d + c], vf[i * d + c]);
-                        assert!((kv.key(i, c) - kx).abs() <= kstep / 2.0 + 1e-6 * kx.abs(), "{f:?} key ({i},{c})");
-                        assert!((kv.value(i, c) - vx).abs() <= vstep / 2.0 + 1e-6 * vx.abs(), "{f:?} value ({i},{c})");
+                        assert!(
+                            (kv.key(i, c) - kx).abs() <= kstep / 2.0 + 1e-6 * kx.abs(),
+                            "{f:?} key ({i},{c})"
+                        );
+                        assert!(
+                            (kv.value(i, c) - vx).abs() <= vstep / 2.0 + 1e-6 * vx.abs(),
+                            "{f:?} value ({i},{c})"
+                        );
                     }
                     for c in d..geo.dp {
                         assert_eq!(kv.key(i, c), 0.0, "{f:?} padded key channel");

@@ -475,7 +475,10 @@ fn compute(ready: &[(usize, Prepared)]) -> Vec<(Vec<f32>, Vec<f32>)> {
     for (qi, (_, p)) in ready.iter().enumerate() {
         let len = p.end - p.start;
         // Boundaries on key groups: a piece then quantises each group's query once.
-        let piece = len.div_ceil(want).next_multiple_of(layout::KEY_GROUP).max(MIN_TASK_TOKENS);
+        let piece = len
+            .div_ceil(want)
+            .next_multiple_of(layout::KEY_GROUP)
+            .max(MIN_TASK_TOKENS);
         for h in 0..p.session.kv_heads {
             let mut a = p.start;
             loop {

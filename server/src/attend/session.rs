@@ -325,7 +325,8 @@ mod tests {
         // Layer 1, token 5 (chunk 1 token 1), head 1, dim 3, K and V:
         // index in chunk 1 ((layer 1 · 2 + K|V) · 3 tokens + token 1) · 2 heads + head 1, then dim 3.
         let (layer, t, h) = (1, 1, 1);
-        let at = |p: usize| f16::from_f32(100.0 + ((((layer * 2 + p) * 3 + t) * 2 + h) * 8 + 3) as f32 * 0.01);
+        let at =
+            |p: usize| f16::from_f32(100.0 + ((((layer * 2 + p) * 3 + t) * 2 + h) * 8 + 3) as f32 * 0.01);
         let kv = s.head(1, 1);
         assert_eq!(kv.key(5, 3), at(0).to_f32());
         assert_eq!(kv.value(5, 3), at(1).to_f32());
