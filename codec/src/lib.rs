@@ -64,7 +64,7 @@ fn encode_inner(
     let shape = view.shape();
     let dtype = view.dtype();
     shape.checked_byte_len(dtype)?;
-    let params = profile.params(&view)?;
+    let params = profile.params(&view, tuning)?;
     let layer_bytes = shape.layer_byte_len(dtype)?;
     let layers: Vec<Vec<u8>> = view
         .data()
@@ -144,7 +144,7 @@ thread_local! {
 }
 
 /// Runs `f` with this thread's scratch (a fresh one if it is already in use).
-fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     SCRATCH.with(|s| match s.try_borrow_mut() {
         Ok(mut s) => f(&mut s),
         Err(_) => f(&mut Scratch::default()),
