@@ -21,6 +21,8 @@ pub mod error;
 pub mod plan;
 pub mod profile;
 pub mod rans;
+#[cfg(target_arch = "x86_64")]
+mod rans_avx2;
 mod shuffle;
 pub mod tensor;
 
