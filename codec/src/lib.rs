@@ -21,6 +21,8 @@ pub mod error;
 pub mod plan;
 pub mod profile;
 pub mod rans;
+#[cfg(target_arch = "x86_64")]
+mod rans_avx2;
 mod shuffle;
 pub mod tensor;
 
@@ -64,7 +66,7 @@ fn encode_inner(
     let shape = view.shape();
     let dtype = view.dtype();
     shape.checked_byte_len(dtype)?;
-    let params = profile.params(&view)?;
+    let params = profile.params(&view, tuning)?;
     let layer_bytes = shape.layer_byte_len(dtype)?;
     let layers: Vec<Vec<u8>> = view
         .data()
@@ -144,7 +146,7 @@ thread_local! {
 }
 
 /// Runs `f` with this thread's scratch (a fresh one if it is already in use).
-fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     SCRATCH.with(|s| match s.try_borrow_mut() {
         Ok(mut s) => f(&mut s),
         Err(_) => f(&mut Scratch::default()),

@@ -58,8 +58,11 @@ impl Family {
 pub struct RansPart {
     /// `2 * output_layer + kind` (kind 0 = K, 1 = V).
     pub out_slot: u32,
-    /// 1 when quantization groups are tokens, 0 when they are channels.
-    pub per_token: u32,
+    /// How the part's quantization groups are laid out: 0 one per channel (group
+    /// `channel`), 1 one per token (group `token`), 2 one per (row of `group_tokens`
+    /// tokens, channel) (group `token / group_tokens * channels + channel`); tokens count
+    /// from the chunk's first, groups from `group_start`.
+    pub group_kind: u32,
     /// Index of the part's first group in [`RansPlan::steps`] and [`RansPlan::biases`].
     pub group_start: u32,
     /// Alphabet half-width `M`: symbols `0..=2M` are residuals `s - M`, `2M + 1` escapes.
@@ -71,8 +74,9 @@ pub struct RansPart {
     pub first_stream: u32,
     /// Streams of the part.
     pub stream_count: u32,
-    /// Reserved (zero).
-    pub reserved: u32,
+    /// Tokens per row of groups when `group_kind` is 2 (a multiple of the streams'
+    /// tokens), 0 otherwise.
+    pub group_tokens: u32,
 }
 
 /// One rANS stream (a block of tokens of one part) in a rANS plan (32 bytes).

@@ -139,6 +139,13 @@ impl FreqTable {
         })
     }
 
+    /// Symbol `s`'s encoder entry (`s < MAX_SYMBOLS`): frequency, start and
+    /// `floor(2^32 / freq)` (0 without frequency).
+    pub(crate) fn enc_entry(&self, s: usize) -> (u32, u32, u64) {
+        let e = self.enc_padded[s];
+        (e.freq, e.cum, e.rcp)
+    }
+
     /// Number of symbols.
     pub fn len(&self) -> usize {
         self.freq.len()
@@ -192,11 +199,24 @@ impl FreqTable {
 /// Encodes `symbols` as one interleaved stream with `table`, appending the bytes to `out`.
 ///
 /// Every symbol must have a non-zero frequency in `table`.
+#[inline(always)]
 pub fn encode(
     symbols: &[u8],
     table: &FreqTable,
     words: &mut Vec<u16>,
     out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    encode_with(symbols, table, words, out, true)
+}
+
+/// [`encode`], with the AVX2 encoder allowed (`simd`) or not: both write the same bytes.
+#[inline(always)]
+pub(crate) fn encode_with(
+    symbols: &[u8],
+    table: &FreqTable,
+    words: &mut Vec<u16>,
+    out: &mut Vec<u8>,
+    simd: bool,
 ) -> Result<(), CodecError> {
     // Every renormalisation word is written (at most one per symbol, then the states),
     // and the write position advances only when one is due: no branch per symbol.
@@ -227,6 +247,15 @@ pub fn encode(
     for (l, &s) in symbols[full..].iter().enumerate().rev() {
         st[l] = step(st[l], s);
     }
+    #[cfg(target_arch = "x86_64")]
+    if simd && crate::rans_avx2::available() {
+        // SAFETY: the CPU has AVX2 and POPCNT (checked just above); `words` holds
+        // `symbols.len() + 2 * LANES` words and `k` counts at most the tail's symbols.
+        let ok = unsafe { crate::rans_avx2::encode_chunks(&symbols[..full], table, &mut st, words, &mut k) };
+        return finish(st, ok && !bad, k, words, out);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
     let [mut x0, mut x1, mut x2, mut x3, mut x4, mut x5, mut x6, mut x7] = st;
     for c in symbols[..full].chunks_exact(LANES).rev() {
         x7 = step(x7, c[7]);
@@ -238,8 +267,19 @@ pub fn encode(
         x1 = step(x1, c[1]);
         x0 = step(x0, c[0]);
     }
-    let states = [x0, x1, x2, x3, x4, x5, x6, x7];
-    if bad {
+    finish([x0, x1, x2, x3, x4, x5, x6, x7], !bad, k, words, out)
+}
+
+/// Ends a stream: refuses it unless `ok`, then writes the final states and the `k`
+/// renormalisation words, all reversed.
+fn finish(
+    states: [u32; LANES],
+    ok: bool,
+    k: usize,
+    words: &mut Vec<u16>,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    if !ok {
         return Err(CodecError::Compression(
             "a symbol has no frequency in its table".into(),
         ));
@@ -528,6 +568,29 @@ mod tests {
         #[test]
         fn round_trips((table, symbols) in table_and_symbols()) {
             prop_assert_eq!(round_trip(&symbols, &table), symbols);
+        }
+
+        /// The AVX2 encoder writes the scalar encoder's bytes (single-symbol tables
+        /// included), and refuses exactly what it refuses: a symbol without frequency or
+        /// beyond the alphabet.
+        #[test]
+        fn vector_encoder_matches_scalar(
+            (table, mut symbols) in table_and_symbols(),
+            bad in prop::option::of((any::<prop::sample::Index>(), any::<u8>())),
+        ) {
+            if let Some((at, s)) = bad.filter(|_| !symbols.is_empty()) {
+                let i = at.index(symbols.len());
+                symbols[i] = s;
+            }
+            let run = |simd| {
+                let mut bytes = Vec::new();
+                encode_with(&symbols, &table, &mut Vec::new(), &mut bytes, simd).map(|()| bytes)
+            };
+            let (scalar, vector) = (run(false), run(true));
+            prop_assert_eq!(scalar.is_ok(), vector.is_ok());
+            if let (Ok(a), Ok(b)) = (scalar, vector) {
+                prop_assert_eq!(a, b);
+            }
         }
 
         #[test]

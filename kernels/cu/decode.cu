@@ -19,7 +19,9 @@ typedef unsigned long long u64;
 typedef int i32;
 typedef long long i64;
 
-struct RansPart { u32 out_slot, per_token, group_start, m, token_offset, first_stream, stream_count, r0; };
+// group_kind: 0 groups are channels, 1 tokens, 2 (row of group_tokens tokens, channel):
+// group token / group_tokens * channels + channel, tokens counted from the part's first.
+struct RansPart { u32 out_slot, group_kind, group_start, m, token_offset, first_stream, stream_count, group_tokens; };
 struct RansStream { u32 part, token_start, tokens, escape_start, escape_count, data_len; u64 data_offset; };
 struct Q8Part { u32 out_slot, token_offset, tokens, param_start; u64 data_offset; };
 struct CgPart { u32 out_slot, token_offset, scale_start, cdf_start, max, r0, r1, r2; };
@@ -140,7 +142,8 @@ __device__ __forceinline__ void rans_decode_impl(
     const u32 esc_sym = 2 * p.m + 1;
     const u32 row_bytes = channels * ES;
     const u32 per_round = blockDim.x >> 3;
-    const bool per_token = p.per_token != 0;
+    const bool per_token = p.group_kind == 1;
+    const bool rows = p.group_kind == 2;
     const u64 slot_base = slots[p.out_slot];
 
     for (u32 round = 0; round < p.stream_count; round += per_round) {
@@ -163,6 +166,8 @@ __device__ __forceinline__ void rans_decode_impl(
             ch -= channels;
             ++t;
         }
+        // Channel groups of the lane's token: the row's first (0 without rows).
+        u32 gbase = rows ? (st.token_start + t) / p.group_tokens * channels : 0u;
         // Loads are issued a step before their use, so that their latency overlaps the
         // decoding chain instead of lengthening it: the window of the eight words the
         // group may consume next (lane l holds word pos + l; a lane that needs one takes
@@ -173,7 +178,7 @@ __device__ __forceinline__ void rans_decode_impl(
         float stp = 0.0f;
         u64 out = 0;
         if (lane < n) {
-            const u32 g = per_token ? st.token_start + t : ch;
+            const u32 g = per_token ? st.token_start + t : gbase + ch;
             bias = __ldg(gbias + g);
             stp = __ldg(gstep + g);
             const u32 tok = p.token_offset + st.token_start + t;
@@ -223,8 +228,8 @@ __device__ __forceinline__ void rans_decode_impl(
             if (ch < channels) {
                 out += 8 * ES;
                 if (!per_token && i + 8 < n) {
-                    bias = __ldg(gbias + ch);
-                    stp = __ldg(gstep + ch);
+                    bias = __ldg(gbias + gbase + ch);
+                    stp = __ldg(gstep + gbase + ch);
                 }
             } else {
                 while (ch >= channels) {
@@ -232,7 +237,8 @@ __device__ __forceinline__ void rans_decode_impl(
                     ++t;
                 }
                 if (i + 8 < n) {
-                    const u32 g = per_token ? st.token_start + t : ch;
+                    if (rows) gbase = (st.token_start + t) / p.group_tokens * channels;
+                    const u32 g = per_token ? st.token_start + t : gbase + ch;
                     bias = __ldg(gbias + g);
                     stp = __ldg(gstep + g);
                     const u32 tok = p.token_offset + st.token_start + t;

@@ -94,7 +94,13 @@ pub(crate) fn run(
                 let Some(sym) = *sym else { continue };
                 let i = 8 * k + l as u32;
                 let (t, ch) = (i / c, i % c);
-                let g = (p.group_start + if p.per_token == 1 { st.token_start + t } else { ch }) as usize;
+                let tok = st.token_start + t;
+                let g = (p.group_start
+                    + match p.group_kind {
+                        1 => tok,
+                        2 => tok / p.group_tokens * c + ch,
+                        _ => ch,
+                    }) as usize;
                 let v = if sym != esc_sym {
                     (sym.wrapping_add(r.biases[g] as u32) as i32) as f32 * r.steps[g]
                 } else {
@@ -197,7 +203,7 @@ pub(crate) fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvault_codec::{KvShape, Profile};
+    use kvault_codec::{KvShape, KvTuning, Profile};
     use proptest::prelude::*;
 
     proptest! {
@@ -214,6 +220,7 @@ mod tests {
             tokens in prop::collection::vec(1u32..150, 1..3),
             range_start in 0u32..3,
             dtype in prop::sample::select(&[OutDtype::F16, OutDtype::Bf16, OutDtype::F32][..]),
+            key_rows in prop::sample::select(&[0u32, 8, 40][..]),
             seed in any::<u64>(),
         ) {
             let range = range_start.min(layers - 1)..layers;
@@ -224,7 +231,18 @@ mod tests {
             let mut tok0 = 0;
             for (i, &t) in tokens.iter().enumerate() {
                 let shape = KvShape { layers, tokens: t, kv_heads: heads, head_dim };
-                let blob = kvault_codec::encode(crate::synthetic::kv_like(shape, seed ^ i as u64).view(), profile).unwrap();
+                let kv = crate::synthetic::kv_like(shape, seed ^ i as u64);
+                // kv-* chunks also with key rows (payload format 2 when a chunk has more
+                // than one row).
+                let blob = match KvTuning::of(profile) {
+                    Some(own) if key_rows > 0 => kvault_codec::encode_tuned(
+                        kv.view(),
+                        profile,
+                        &KvTuning { key_group_tokens: key_rows, ..own },
+                    ),
+                    _ => kvault_codec::encode(kv.view(), profile),
+                }
+                .unwrap();
                 plan.add(&blob, input.len() as u64, tok0, Some(range.clone())).unwrap();
                 let sliced = kvault_codec::slice_layers(&blob, range.clone()).unwrap();
                 let sub = KvShape { layers: nl, ..shape };

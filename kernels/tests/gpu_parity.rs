@@ -6,7 +6,7 @@
 //! Real KV: `KVAULT_REAL_KV=path.safetensors` (tensor `kv`, f16, canonical layout), e.g.
 //! written by `kvault warmup --dump-kv`.
 
-use kvault_codec::{KvShape, KvTensor, Profile};
+use kvault_codec::{KvShape, KvTensor, KvTuning, Profile};
 use kvault_kernels::cudarc::driver::CudaSlice;
 use kvault_kernels::synthetic::kv_like;
 use kvault_kernels::{GPU_PROFILES, GpuDecoder, KernelError, OutDtype, Target};
@@ -112,7 +112,9 @@ fn total_tokens(blobs: &[Vec<u8>]) -> usize {
         .sum()
 }
 
-fn chunks(t: &KvTensor, chunk: u32, profile: Profile) -> Vec<Vec<u8>> {
+/// `t` cut into chunks of `chunk` tokens, each encoded with `profile`; a `kv-*` profile
+/// with key rows of about `key_rows` tokens when that is not 0 (payload format 2).
+fn chunks(t: &KvTensor, chunk: u32, profile: Profile, key_rows: u32) -> Vec<Vec<u8>> {
     let shape = t.shape();
     let c = (shape.kv_heads * shape.head_dim) as usize;
     let mut out = Vec::new();
@@ -126,7 +128,17 @@ fn chunks(t: &KvTensor, chunk: u32, profile: Profile) -> Vec<Vec<u8>> {
             data.extend_from_slice(&t.data()[base..base + n as usize * c * 2]);
         }
         let sub_t = KvTensor::new(sub, t.dtype(), data).unwrap();
-        out.push(kvault_codec::encode(sub_t.view(), profile).unwrap());
+        let blob = match KvTuning::of(profile) {
+            Some(own) if key_rows > 0 => {
+                let tuning = KvTuning {
+                    key_group_tokens: key_rows,
+                    ..own
+                };
+                kvault_codec::encode_tuned(sub_t.view(), profile, &tuning)
+            }
+            _ => kvault_codec::encode(sub_t.view(), profile),
+        };
+        out.push(blob.unwrap());
         start += n;
     }
     out
@@ -184,14 +196,23 @@ fn gpu_matches_cpu_on_synthetic_kv() {
             ),
         ] {
             let t = kv_like(shape, 11);
-            let blobs = chunks(&t, chunk, profile);
-            check(
-                &dec,
-                &blobs,
-                layers,
-                dtype,
-                &format!("{profile} {shape:?} {dtype:?}"),
-            );
+            // Without key rows (format 1), and with rows of about 16 and 100 tokens
+            // (format 2 where a chunk holds more than one row).
+            let rows: &[u32] = if KvTuning::of(profile).is_some() {
+                &[0, 16, 100]
+            } else {
+                &[0]
+            };
+            for &key_rows in rows {
+                let blobs = chunks(&t, chunk, profile, key_rows);
+                check(
+                    &dec,
+                    &blobs,
+                    layers.clone(),
+                    dtype,
+                    &format!("{profile} {shape:?} {dtype:?} key rows {key_rows}"),
+                );
+            }
         }
     }
 }
@@ -215,7 +236,7 @@ fn gpu_matches_cpu_on_real_kv() {
     };
     let t = KvTensor::new(shape, kvault_codec::Dtype::F16, kv.data().to_vec()).unwrap();
     for &profile in GPU_PROFILES {
-        let blobs = chunks(&t, 256, profile);
+        let blobs = chunks(&t, 256, profile, 0);
         check(
             &dec,
             &blobs,
@@ -230,6 +251,15 @@ fn gpu_matches_cpu_on_real_kv() {
             OutDtype::Bf16,
             &format!("real {profile} layers 7..19"),
         );
+        // Whole-prefix chunks with key rows of about 128 tokens (format 2).
+        let blobs = chunks(&t, shape.tokens, profile, 128);
+        check(
+            &dec,
+            &blobs,
+            0..shape.layers,
+            OutDtype::F16,
+            &format!("real {profile} one chunk, key rows"),
+        );
     }
 }
 
@@ -243,8 +273,14 @@ fn corrupt_input_is_an_error_not_a_crash() {
         head_dim: 16,
     };
     let t = kv_like(shape, 5);
-    for profile in [Profile::KvMid, Profile::KvLo, Profile::CachegenBaseline] {
-        let blob = kvault_codec::encode(t.view(), profile).unwrap();
+    // kv-mid also with key rows (format 2).
+    for (profile, key_rows) in [
+        (Profile::KvMid, 0),
+        (Profile::KvMid, 16),
+        (Profile::KvLo, 0),
+        (Profile::CachegenBaseline, 0),
+    ] {
+        let blob = chunks(&t, shape.tokens, profile, key_rows).remove(0);
         let plan = kvault_codec::plan::DecodePlan::of_container(&blob, None).unwrap();
         let stream = dec.stream().clone();
         let out_len = shape.byte_len(kvault_codec::Dtype::F16).unwrap();

@@ -46,6 +46,9 @@ pub struct BenchCodecArgs {
     /// Profiles, comma-separated (default: all).
     #[arg(long, value_delimiter = ',')]
     pub profiles: Vec<Profile>,
+    /// Folder that keeps each window's prefilled cache (as `codec-eval --kv-cache`).
+    #[arg(long)]
+    pub kv_cache: Option<PathBuf>,
 }
 
 /// Runs `f` for about `seconds` (at least twice, after a warm-up); returns seconds per run.
@@ -90,7 +93,7 @@ pub fn run(a: BenchCodecArgs) -> anyhow::Result<()> {
             wins.len(),
             prefix.len()
         );
-        let real = real_kv(&model, prefix, cont)?;
+        let real = real_kv(&model, &a.model, prefix, cont, a.kv_cache.as_deref())?;
         let reference = Reference::new(&model, &real)?;
         // The original cache scored against itself: KL 0, Δppl 0 (a check on the harness).
         base.push(reference.score(&model, &real.kv, &real.continuation)?);

@@ -21,7 +21,7 @@
 //! bits per element, relative L2 error of K and of V, and how often the most likely next
 //! token is unchanged.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -53,12 +53,18 @@ pub struct CodecEvalArgs {
     #[arg(long, value_delimiter = ',')]
     pub profiles: Vec<Profile>,
     /// Extra rows: the `kv-mid` encoder with other step factors,
-    /// `KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER]]]` (key and value step factors in units
-    /// of σ, factor multiplier of the early layer group, how steps follow each group's own
-    /// σ: see `kvault_codec::KvTuning`); repeatable. For rate-distortion experiments: the containers decode with the
-    /// same decoders.
+    /// `KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS]]]]]` (key and value
+    /// step factors in units of σ, factor multiplier of the early layer group, how steps
+    /// follow each group's own σ, tokens per row of key groups (0: none), 1 for a key step
+    /// per row or 0 for one pooled over rows: see `kvault_codec::KvTuning`); omitted
+    /// fields are kv-mid's. Repeatable. For rate-distortion experiments: the containers
+    /// decode with the same decoders.
     #[arg(long, value_parser = parse_tuning)]
     pub tune: Vec<KvTuning>,
+    /// Folder that keeps each window's prefilled cache, so that a later run on the same
+    /// model and windows skips the prefill (for tuning sweeps).
+    #[arg(long)]
+    pub kv_cache: Option<PathBuf>,
 }
 
 fn parse_tuning(s: &str) -> Result<KvTuning, String> {
@@ -67,9 +73,9 @@ fn parse_tuning(s: &str) -> Result<KvTuning, String> {
         .map(|x| x.trim().parse::<f64>().map_err(|e| format!("{x:?}: {e}")))
         .collect::<Result<_, _>>()?;
     let mut t = KvTuning::of(Profile::DEFAULT_LOSSY).ok_or("no default kv tuning")?;
-    if !(2..=5).contains(&f.len()) {
+    if !(2..=7).contains(&f.len()) {
         return Err(format!(
-            "{s:?}: expected KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER]]]"
+            "{s:?}: expected KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS]]]]]"
         ));
     }
     (t.key_factor, t.value_factor) = (f[0], f[1]);
@@ -81,6 +87,21 @@ fn parse_tuning(s: &str) -> Result<KvTuning, String> {
     }
     if let Some(&p) = f.get(4) {
         t.value_power = p;
+    }
+    if let Some(&r) = f.get(5) {
+        if !(0.0..=65535.0).contains(&r) || r.fract() != 0.0 {
+            return Err(format!(
+                "{s:?}: KEY_ROWS must be a whole number of tokens up to 65535"
+            ));
+        }
+        t.key_group_tokens = r as u32;
+    }
+    if let Some(&r) = f.get(6) {
+        t.key_step_per_row = match r {
+            0.0 => false,
+            1.0 => true,
+            _ => return Err(format!("{s:?}: ROW_STEPS must be 0 or 1")),
+        };
     }
     Ok(t)
 }
@@ -128,8 +149,14 @@ impl std::fmt::Display for Variant {
             Variant::Profile(p) => write!(f, "{p}"),
             Variant::Tuned(t) => write!(
                 f,
-                "tuned k{} v{} e{} kp{} vp{}",
-                t.key_factor, t.value_factor, t.early_scale, t.key_power, t.value_power
+                "tuned k{} v{} e{} kp{} vp{} rows{}{}",
+                t.key_factor,
+                t.value_factor,
+                t.early_scale,
+                t.key_power,
+                t.value_power,
+                t.key_group_tokens,
+                if t.key_step_per_row { "" } else { "p" }
             ),
         }
     }
@@ -174,11 +201,42 @@ pub(super) fn windows(
         .collect())
 }
 
-/// Prefills `prefix` and returns its KV cache in f16 with `continuation` beside it.
-pub(super) fn real_kv(model: &LlamaModel, prefix: &[u32], continuation: &[u32]) -> anyhow::Result<RealKv> {
+/// Prefills `prefix` and returns its KV cache in f16 with `continuation` beside it. With
+/// `cache`, a prefill of the same model and prefix done before is read from that folder
+/// instead (and a new one written there): prefill dominates the time of a tuning sweep.
+pub(super) fn real_kv(
+    model: &LlamaModel,
+    model_path: &Path,
+    prefix: &[u32],
+    continuation: &[u32],
+    cache: Option<&Path>,
+) -> anyhow::Result<RealKv> {
+    let file = cache.map(|dir| {
+        let mut h = blake3::Hasher::new();
+        h.update(model_path.as_os_str().as_encoded_bytes());
+        for t in prefix {
+            h.update(&t.to_le_bytes());
+        }
+        dir.join(format!("{}.safetensors", &h.finalize().to_hex()[..32]))
+    });
+    if let Some(f) = file.as_ref().filter(|f| f.exists()) {
+        let got = kvault_client::kv_file::read(f)?;
+        if got.ids == prefix && got.kv.dtype() == Dtype::F16 {
+            return Ok(RealKv {
+                kv: got.kv,
+                continuation: continuation.to_vec(),
+            });
+        }
+    }
     let pre = model.prefill(prefix, None)?;
     let mut kv = KvTensor::zeros(pre.kv.shape(), Dtype::F16)?;
     kvault_codec::convert(pre.kv.data(), pre.kv.dtype(), kv.data_mut(), Dtype::F16)?;
+    if let Some(f) = &file {
+        if let Some(dir) = f.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        kvault_client::kv_file::write(f, &kv, prefix)?;
+    }
     Ok(RealKv {
         kv,
         continuation: continuation.to_vec(),
@@ -484,7 +542,8 @@ pub fn run(a: CodecEvalArgs) -> anyhow::Result<()> {
             .with_context(|| name.clone())?;
         let mut per_text = vec![Totals::default(); profiles.len()];
         for (prefix, cont) in &wins {
-            let real = real_kv(&model, prefix, cont).with_context(|| name.clone())?;
+            let real = real_kv(&model, &a.model, prefix, cont, a.kv_cache.as_deref())
+                .with_context(|| name.clone())?;
             let reference = Reference::new(&model, &real)?;
             for (p, tot) in profiles.iter().zip(per_text.iter_mut()) {
                 let blobs = encode_chunks(&real.kv, p, a.chunk_tokens)?;

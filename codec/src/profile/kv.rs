@@ -2,20 +2,22 @@
 //! KIVI-style grouping, entropy coded with the interleaved rANS of `rans.rs`.
 //!
 //! Per layer:
-//! - **Keys per channel, values per token** (KIVI, KVQuant): each key channel (over the
-//!   chunk's tokens) and each value token (over its channels) is a *group* with its own
-//!   zero point (the group mean, rounded to a multiple of its step Δ) and its own step
-//!   byte. How the steps are chosen is the encoder's business ([`KvTuning`]); the profiles
-//!   use: one step for every key channel of a layer, `Δ = f_K · σ_pool` (σ_pool the RMS
-//!   over channels of their deviations: what attention feels of a key error is `q · δk`,
-//!   and queries are large in the same channels as keys, so steps proportional to each
-//!   channel's σ put the largest errors where they cost most), and per value token
-//!   `Δ = f_V · σ_pool · (σ_t / σ_pool)^1.5` (σ_t the token's RMS deviation from its mean,
-//!   σ_pool their RMS over the chunk's tokens).
+//! - **Keys per channel, values per token** (KIVI, KVQuant): each value token (over its
+//!   channels) is a *group* with its own zero point (the group mean, rounded to a multiple
+//!   of its step Δ) and its own step byte. Keys are grouped per channel; in payload format
+//!   2 per (row, channel), a row being `group_tokens` consecutive tokens, with one step per
+//!   row and the zero points coded as differences between neighbouring rows. Post-RoPE keys
+//!   drift along positions (a channel pair rotates at its own frequency), so over a
+//!   4096-token chunk one zero point per channel is far from most tokens; rows follow the
+//!   drift for a few bits per (row, channel). How the steps are chosen is the encoder's
+//!   business ([`KvTuning`]); the profiles use one key step per row (or per chunk),
+//!   `Δ = f_K · σ_pool` (σ_pool the RMS over channels of their deviations within the row:
+//!   what attention feels of a key error is `q · δk`, and queries are large in the same
+//!   channels as keys, so steps proportional to each channel's σ put the largest errors
+//!   where they cost most), and per value token `Δ = f_V · σ_pool · (σ_t / σ_pool)^1.5` (σ_t
+//!   the token's RMS deviation from its mean, σ_pool their RMS over the chunk's tokens).
 //! - The choices were measured on real SmolLM2-135M caches by the KL divergence of the
-//!   model's next-token distributions (`kvault codec-eval`); see [`KvTuning::of`]. A layer
-//!   group with finer steps (CacheGen's, KVQuant's first layers) can be set in the tuning;
-//!   on SmolLM2 it did not pay, and the profiles leave it off.
+//!   model's next-token distributions (`kvault codec-eval`); see [`KvTuning::of`].
 //! - **Symbols**: `q = round(x / Δ)`, residual `r = q - m` (m = zero point in steps). The
 //!   alphabet is `r ∈ [-M, M]` plus one escape symbol, with `M ≤ 31` chosen per (layer,
 //!   K/V) to minimise the estimated size. **Outliers are never clipped**: a residual beyond
@@ -37,21 +39,33 @@
 //! **Error bound** (every tuning): `|x - x̂| ≤ Δ/2 + 2^-22 · |x|` for every element,
 //! with Δ the step of the element's group, plus the rounding of the output dtype when it
 //! is narrower than f32. With Gaussian-like groups that is an RMS error of about
-//! `0.29 · Δ`, with `(f_K, f_V)` = (0.38, 0.66) in `kv-hi`, (0.9, 1.2) in `kv-mid`,
-//! (1.2, 1.6) in `kv-lo`.
+//! `0.29 · Δ`; the profiles' factors are in [`KvTuning::of`].
 //!
-//! Header parameters (5 bytes): format 1, probability bits 12, lanes 8, `block_tokens`
-//! (u16). Layer payload, for K then V:
-//! `kind` (u8: 0 = groups are channels, 1 = groups are tokens), one step byte `e` per
-//! group, one zigzag varint `m` per group, `M` (u8), the frequency table, then per block:
-//! varint rANS byte length, varint escape byte length, the rANS stream, the escapes.
-//! Retuning changed no byte of this format: the GPU decoder and the planner are as before.
+//! Header parameters (5 bytes): format (1 or 2), probability bits 12, lanes 8,
+//! `block_tokens` (u16). The encoder writes format 1 when no part needs format 2's rows
+//! (chunks no longer than one row), so such chunks stay readable by format-1 decoders.
+//! Layer payload, for K then V: `kind` (u8), then by kind
+//! - 0 (format 1 and 2, groups are channels): one step byte `e` per channel, one zigzag
+//!   varint `m` per channel;
+//! - 1 (format 1 and 2, groups are tokens): one step byte per token, one zigzag varint per
+//!   token;
+//! - 2 (format 2 only, groups are (row, channel)): varint `group_blocks` (rows are
+//!   `group_blocks · block_tokens` tokens, the last one shorter), one step byte per row,
+//!   the zero points of row 0 (one zigzag varint per channel), and when there is more than
+//!   one row the differences `m(r, c) - pred(r, c)` of rows 1.. as a coded integer
+//!   sequence (below), where `pred(r, c) = m(r-1, c)` when the two rows have the same step
+//!   and `round_ties_even(m(r-1, c) · Δ(r-1) / Δ(r))` in f64 otherwise (clamped to ±2^30);
 //!
-//! Not done (measured or not yet worth it): delta coding across tokens (CacheGen#6
-//! measured it larger at equal accuracy), pre-RoPE keys (the codec does not see RoPE
-//! parameters or positions, and un-rotating bit-exactly on CPU and GPU needs a shared
-//! rotation table), and frequency tables per channel class or value groups per (token,
-//! head), which would need a new format version.
+//! then `M` (u8), the frequency table, then per block: varint rANS byte length, varint
+//! escape byte length, the rANS stream, the escapes. A coded integer sequence (its length
+//! known from the geometry) is `D` (u8, ≤ 31), a frequency table of `2D + 2` symbols
+//! (`v + D` for `|v| ≤ D`, then the escape), varint rANS byte length, varint escape byte
+//! length, one rANS stream of all its symbols, the escapes (zigzag varints).
+//!
+//! Not done (measured or not yet worth it): delta coding across tokens within a group
+//! (CacheGen#6 measured it larger at equal accuracy), pre-RoPE keys (the codec does not
+//! see RoPE parameters or positions, and un-rotating bit-exactly on CPU and GPU needs a
+//! shared rotation table), value groups per (token, head).
 
 use crate::error::CodecError;
 use crate::plan::{LayerPlace, RansPart, RansPlan, RansStream, index, input_offset};
@@ -60,8 +74,10 @@ use crate::profile::{LayerGeom, Profile, Scratch, load_f32, store_f32};
 use crate::rans::{self, DecodeTable, FreqTable};
 use crate::tensor::{Dtype, KvView};
 
-/// Version of this profile's payload format.
-const FORMAT: u8 = 1;
+/// Payload format 1: key groups are channels over the whole chunk (kinds 0 and 1).
+const FORMAT_V1: u8 = 1;
+/// Payload format 2: adds key groups per (row of tokens, channel) (kind 2).
+const FORMAT_V2: u8 = 2;
 /// Symbols per rANS stream the encoder aims for: streams are the unit of parallel decoding
 /// (eight GPU lanes each), so wide models get blocks of fewer tokens. About 8 K symbols
 /// keep the per-stream overhead (32 bytes of initial states, two varints) near 1% while
@@ -79,6 +95,8 @@ const MAX_M: usize = 31;
 const ESCAPE_BITS: f64 = 14.0;
 /// The bound on `max |x| / Δ`, so that residuals and zero points fit in i32.
 const MAX_RATIO: f64 = (1u64 << 29) as f64;
+/// Bound of a zero-point prediction across rows of different steps.
+const MAX_PREDICTION: f64 = (1u64 << 30) as f64;
 /// Mantissas of the quarter-octave step grid: 2^0, 2^0.25, 2^0.5, 2^0.75 (f32 literals,
 /// so every build and the GPU decoder read the same bits).
 const MANT: [f32; 4] = [1.0, 1.189_207_1, std::f32::consts::SQRT_2, 1.681_792_8];
@@ -89,6 +107,47 @@ const EXP_BIAS: i32 = 40;
 pub(crate) fn step(e: u8) -> f32 {
     let exp = i32::from(e >> 2) - EXP_BIAS; // -40..=23: normal f32, exact power of two
     MANT[usize::from(e & 3)] * f32::from_bits(((exp + 127) as u32) << 23)
+}
+
+/// How a part's quantization groups are laid out (the part's `kind` byte).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GroupKind {
+    /// One group per channel, over all the chunk's tokens.
+    Channels = 0,
+    /// One group per token, over its channels.
+    Tokens = 1,
+    /// One group per (row of `group_tokens` tokens, channel); format 2.
+    Rows = 2,
+}
+
+/// A part's group layout as decoders need it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Grouping {
+    pub(crate) kind: GroupKind,
+    /// Tokens per row ([`GroupKind::Rows`]; 0 otherwise).
+    pub(crate) group_tokens: usize,
+}
+
+impl Grouping {
+    /// Index of the group of the element at `token`, `channel` (of `c` channels).
+    #[inline]
+    pub(crate) fn group(&self, c: usize, token: usize, channel: usize) -> usize {
+        match self.kind {
+            GroupKind::Channels => channel,
+            GroupKind::Tokens => token,
+            GroupKind::Rows => token / self.group_tokens * c + channel,
+        }
+    }
+
+    /// Index of the group of channel 0 at `token` for the channel kinds (the groups of a
+    /// token's channels are consecutive from there).
+    #[inline]
+    fn row_start(&self, c: usize, token: usize) -> usize {
+        match self.kind {
+            GroupKind::Channels | GroupKind::Tokens => 0,
+            GroupKind::Rows => token / self.group_tokens * c,
+        }
+    }
 }
 
 /// The encoder's choices for the `kv-*` profiles: how coarse the quantization steps are,
@@ -111,9 +170,18 @@ pub struct KvTuning {
     /// How key steps follow each channel's own spread: channel `c` gets
     /// `key_factor * σ_pool * (σ_c / σ_pool)^key_power` (σ_pool: the RMS over channels of
     /// their σ; the ratio is clamped to `[2^-8, 2^8]`). 0 is one step for all channels.
+    /// Only for chunks coded without key rows (rows have one step for all channels).
     pub key_power: f64,
     /// The same for value tokens: 1 is a step proportional to each token's own σ.
     pub value_power: f64,
+    /// Tokens per row of key groups, rounded to a whole number of the chunk's streams
+    /// (payload format 2): a zero point per (row, channel) and a step per row. 0: one group
+    /// per channel over the whole chunk. Chunks no longer than one row are coded without
+    /// rows (format 1).
+    pub key_group_tokens: u32,
+    /// With key rows: each row's step follows the σ within that row (true) or all rows
+    /// share the step of the σ pooled over the chunk's rows (false).
+    pub key_step_per_row: bool,
 }
 
 impl KvTuning {
@@ -130,7 +198,13 @@ impl KvTuning {
     /// - one key step for all channels (`key_power` 0) stays: powers -0.5 and 0.5 measured
     ///   no better;
     /// - the finer early layer group cost 0.11 bits per element for no measurable gain, so
-    ///   it is off (`early_scale` 1).
+    ///   it is off (`early_scale` 1);
+    /// - keys in rows of about 64 tokens (two 32-token streams of a 256-token chunk, or
+    ///   one or two of a long chunk's 40), each with its own step: on 4096-token chunks at
+    ///   the same 2.13 bits per element, rel L2 of K fell from 0.182 to 0.143 and the KL
+    ///   from 0.064 to 0.034 (rows of 128 and 256 tokens: 0.037-0.039, of 1024: 0.060); on
+    ///   256-token chunks rows cost no bits (their narrower residuals pay for the zero
+    ///   points).
     pub fn of(profile: Profile) -> Option<KvTuning> {
         let (key_factor, value_factor) = match profile {
             Profile::KvHi => (0.38, 0.66),
@@ -146,6 +220,8 @@ impl KvTuning {
             early_scale: 1.0,
             key_power: 0.0,
             value_power: 1.5,
+            key_group_tokens: 64,
+            key_step_per_row: true,
         })
     }
 
@@ -160,6 +236,12 @@ impl KvTuning {
         if index < early { f * self.early_scale } else { f }
     }
 
+    /// Streams per key row for streams of `block` tokens, when key rows are on.
+    fn key_group_blocks(&self, block: usize) -> Option<usize> {
+        (self.key_group_tokens > 0)
+            .then(|| ((f64::from(self.key_group_tokens) / block.max(1) as f64).round() as usize).max(1))
+    }
+
     /// Errors unless every factor is finite and positive.
     pub(crate) fn check(&self) -> Result<(), CodecError> {
         let ok = |f: f64| f.is_finite() && f > 0.0;
@@ -172,6 +254,7 @@ impl KvTuning {
             && power(self.value_power)
             && share(self.early_keys)
             && share(self.early_values)
+            && self.key_group_tokens <= u32::from(u16::MAX)
         {
             Ok(())
         } else {
@@ -180,7 +263,15 @@ impl KvTuning {
     }
 }
 
-pub(super) fn params(_profile: Profile, view: &KvView<'_>) -> Result<Vec<u8>, CodecError> {
+/// The header parameters, checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Params {
+    format: u8,
+    /// Tokens per rANS stream.
+    block: usize,
+}
+
+pub(super) fn params(tuning: &KvTuning, view: &KvView<'_>) -> Result<Vec<u8>, CodecError> {
     let shape = view.shape();
     let channels = (shape.kv_heads as usize * shape.head_dim as usize).max(1);
     let target = (STREAM_SYMBOLS / channels).clamp(BLOCK_TOKENS.0, BLOCK_TOKENS.1);
@@ -189,26 +280,34 @@ pub(super) fn params(_profile: Profile, view: &KvView<'_>) -> Result<Vec<u8>, Co
     // gets eight 32-token streams rather than six of 42 and one of 4 (0.3% more bytes).
     let tokens = (shape.tokens as usize).max(1);
     let streams = tokens.div_ceil(target).next_multiple_of(STREAMS_TOGETHER);
-    let block = tokens.div_ceil(streams).clamp(BLOCK_TOKENS.0, BLOCK_TOKENS.1) as u16;
-    let mut p = vec![FORMAT, rans::PROB_BITS as u8, rans::LANES as u8];
-    p.extend_from_slice(&block.to_le_bytes());
+    let block = tokens.div_ceil(streams).clamp(BLOCK_TOKENS.0, BLOCK_TOKENS.1);
+    // Format 2 only when rows are on and the chunk has more than one.
+    let format = match tuning.key_group_blocks(block) {
+        Some(gb) if tokens > gb * block => FORMAT_V2,
+        _ => FORMAT_V1,
+    };
+    let mut p = vec![format, rans::PROB_BITS as u8, rans::LANES as u8];
+    p.extend_from_slice(&(block as u16).to_le_bytes());
     Ok(p)
 }
 
-/// Checks the header parameters and returns `block_tokens`.
-fn parse_params(params: &[u8]) -> Result<usize, CodecError> {
+/// Checks the header parameters.
+fn parse_params(params: &[u8]) -> Result<Params, CodecError> {
     match params {
-        [FORMAT, bits, lanes, b0, b1]
+        [format @ (FORMAT_V1 | FORMAT_V2), bits, lanes, b0, b1]
             if u32::from(*bits) == rans::PROB_BITS && usize::from(*lanes) == rans::LANES =>
         {
             let block = u16::from_le_bytes([*b0, *b1]);
             if block == 0 {
                 return Err(CodecError::Corrupt("kv profile block_tokens is 0".into()));
             }
-            Ok(usize::from(block))
+            Ok(Params {
+                format: *format,
+                block: usize::from(block),
+            })
         }
         _ => Err(CodecError::Corrupt(format!(
-            "kv profile parameters {params:02x?} not understood (expected format {FORMAT}, {} probability bits, {} lanes)",
+            "kv profile parameters {params:02x?} not understood (expected format {FORMAT_V1} or {FORMAT_V2}, {} probability bits, {} lanes)",
             rans::PROB_BITS,
             rans::LANES
         ))),
@@ -244,12 +343,8 @@ fn target_sigmas(own: &[f64], power: f64) -> Vec<f64> {
         .collect()
 }
 
-/// Picks a group's step index and zero point (in steps) for step `f * sigma`, from the
-/// group's sum, max |x| and element count.
-fn choose(sum: f64, max_abs: f64, n: usize, f: f64, sigma: f64) -> Result<(u8, i32), CodecError> {
-    let n = n.max(1) as f64;
-    let mean = sum / n;
-    let target = f * sigma;
+/// The step index nearest to `target`, raised until `max_abs / Δ <= 2^29`.
+fn step_index(target: f64, max_abs: f64) -> Result<u8, CodecError> {
     let mut e = if target > 0.0 {
         (4.0 * target.log2() + f64::from(4 * EXP_BIAS))
             .round()
@@ -262,8 +357,29 @@ fn choose(sum: f64, max_abs: f64, n: usize, f: f64, sigma: f64) -> Result<(u8, i
             .checked_add(1)
             .ok_or_else(|| unencodable("an element too large for its step grid"))?;
     }
+    Ok(e)
+}
+
+/// Picks a group's step index and zero point (in steps) for step `f * sigma`, from the
+/// group's sum, max |x| and element count.
+fn choose(sum: f64, max_abs: f64, n: usize, f: f64, sigma: f64) -> Result<(u8, i32), CodecError> {
+    let n = n.max(1) as f64;
+    let mean = sum / n;
+    let e = step_index(f * sigma, max_abs)?;
     let m = (mean / f64::from(step(e))).round() as i32;
     Ok((e, m))
+}
+
+/// The prediction of a row's zero point from the previous row's (`m_prev` in steps of
+/// grid index `e_prev`), in steps of grid index `e`: the same number when the steps agree,
+/// otherwise rescaled in f64 and rounded ties to even (exact IEEE arithmetic, so every
+/// decoder predicts the same), clamped to ±2^30.
+fn predict(m_prev: i32, e_prev: u8, e: u8) -> i32 {
+    if e_prev == e {
+        return m_prev;
+    }
+    let v = f64::from(m_prev) * f64::from(step(e_prev)) / f64::from(step(e));
+    v.round_ties_even().clamp(-MAX_PREDICTION, MAX_PREDICTION) as i32
 }
 
 pub(super) fn encode_layer(
@@ -274,38 +390,131 @@ pub(super) fn encode_layer(
     geom: LayerGeom,
     scratch: &mut Scratch,
 ) -> Result<Vec<u8>, CodecError> {
-    let block = parse_params(params)?;
+    encode_layer_with(tuning, layer, dtype, params, geom, scratch, true)
+}
+
+/// [`encode_layer`], with the AVX2 build of the encoder allowed (`simd`) or not.
+fn encode_layer_with(
+    tuning: &KvTuning,
+    layer: &[u8],
+    dtype: Dtype,
+    params: &[u8],
+    geom: LayerGeom,
+    scratch: &mut Scratch,
+    simd: bool,
+) -> Result<Vec<u8>, CodecError> {
+    let p = parse_params(params)?;
+    let block = p.block;
+    // Key rows exactly when the header says format 2 (the header was written for them).
+    let rows = if p.format == FORMAT_V2 {
+        tuning.key_group_blocks(block)
+    } else {
+        None
+    };
     load_f32(layer, dtype, &mut scratch.f32s);
-    let (t, c, n) = (geom.tokens, geom.channels, geom.part_elems());
+    let n = geom.part_elems();
     let mut out = Vec::with_capacity(n / 2);
     let f32s = std::mem::take(&mut scratch.f32s);
-    let result = (|| {
-        for (p, part) in f32s.chunks_exact(n).enumerate() {
-            let is_value = p == 1;
-            encode_part(
-                part,
-                t,
-                c,
-                block,
-                tuning.factor(geom.index, geom.total_layers, is_value),
-                if is_value {
-                    tuning.value_power
-                } else {
-                    tuning.key_power
-                },
-                is_value,
-                scratch,
-                &mut out,
-            )?;
-        }
-        Ok(())
-    })();
+    let job = Parts {
+        tuning,
+        f32s: &f32s,
+        rows,
+        block,
+        geom,
+    };
+    #[cfg(target_arch = "x86_64")]
+    let result = if simd && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { encode_parts_avx2(&job, scratch, &mut out) }
+    } else {
+        encode_parts(&job, scratch, &mut out)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let result = {
+        let _ = simd;
+        encode_parts(&job, scratch, &mut out)
+    };
     scratch.f32s = f32s;
     result.map(|()| out)
 }
 
+/// A layer's elements as f32 and how to code them.
+struct Parts<'a> {
+    tuning: &'a KvTuning,
+    f32s: &'a [f32],
+    /// Streams per key row, when the keys are coded in rows.
+    rows: Option<usize>,
+    block: usize,
+    geom: LayerGeom,
+}
+
+/// [`encode_parts`] compiled for AVX2: the same code, whose f64 loops over channels (group
+/// statistics, quantization) then run four lanes wide. The arithmetic is unchanged (LLVM
+/// keeps each IEEE operation and never contracts into FMAs), so both builds write the
+/// same bytes (test `vector_encoder_matches_portable`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn encode_parts_avx2(
+    job: &Parts<'_>,
+    scratch: &mut Scratch,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    encode_parts(job, scratch, out)
+}
+
+/// Encodes the K and V parts of a layer into `out`.
+// Hot path (encode): inlined, with its callees, into the AVX2 build.
+#[inline(always)]
+fn encode_parts(job: &Parts<'_>, scratch: &mut Scratch, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let Parts {
+        tuning,
+        f32s,
+        rows,
+        block,
+        geom,
+    } = *job;
+    let (t, c, n) = (geom.tokens, geom.channels, geom.part_elems());
+    {
+        for (i, part) in f32s.chunks_exact(n).enumerate() {
+            let is_value = i == 1;
+            let factor = tuning.factor(geom.index, geom.total_layers, is_value);
+            match rows {
+                Some(gb) if !is_value => encode_key_rows(
+                    part,
+                    t,
+                    c,
+                    block,
+                    gb,
+                    factor,
+                    tuning.key_step_per_row,
+                    scratch,
+                    out,
+                )?,
+                _ => encode_groups(
+                    part,
+                    t,
+                    c,
+                    block,
+                    factor,
+                    if is_value {
+                        tuning.value_power
+                    } else {
+                        tuning.key_power
+                    },
+                    is_value,
+                    scratch,
+                    out,
+                )?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Encodes a part with groups per channel (`per_token` false, kind 0) or per token (kind 1).
 #[allow(clippy::too_many_arguments)]
-fn encode_part(
+#[inline(always)]
+fn encode_groups(
     part: &[f32],
     t: usize,
     c: usize,
@@ -332,18 +541,7 @@ fn encode_part(
             }
             (sum[ti], sum_sq[ti], max_abs[ti]) = (s, q, m);
         } else {
-            for (((s, q), m), &x) in sum
-                .iter_mut()
-                .zip(sum_sq.iter_mut())
-                .zip(max_abs.iter_mut())
-                .zip(row)
-            {
-                let x = f64::from(x);
-                *s += x;
-                *q += x * x;
-                let a = x.abs();
-                *m = if a > *m { a } else { *m };
-            }
+            accumulate(row, &mut sum, &mut sum_sq, &mut max_abs);
         }
     }
     // A NaN or infinity makes its group's sum of squares non-finite (finite f32s cannot
@@ -360,7 +558,11 @@ fn encode_part(
     let chosen: Vec<(u8, i32)> = (0..groups)
         .map(|g| choose(sum[g], max_abs[g], n_group, factor, sigmas[g]))
         .collect::<Result<_, _>>()?;
-    out.push(u8::from(per_token));
+    out.push(if per_token {
+        GroupKind::Tokens as u8
+    } else {
+        GroupKind::Channels as u8
+    });
     out.extend(chosen.iter().map(|&(e, _)| e));
     for &(_, m) in &chosen {
         put_svarint(out, m);
@@ -382,16 +584,128 @@ fn encode_part(
                 *r = round_i32(f64::from(x) * inv).wrapping_sub(m);
             }
         } else {
-            for (((r, &x), &inv), &m) in out_row.iter_mut().zip(row).zip(&inv).zip(&zero) {
-                *r = round_i32(f64::from(x) * inv).wrapping_sub(m);
-            }
+            quantize_row(row, &inv, &zero, out_row);
         }
     }
-    // Histogram of residuals in [-32, 31]; everything else lands in the last bin.
-    // Four interleaved histograms: consecutive residuals often fall in the same bin, and
+    encode_symbols(res, c, block, &mut scratch.syms, &mut scratch.words, out)
+}
+
+/// Adds a token's row to per-channel sums, sums of squares and max |x|.
+#[inline(always)]
+fn accumulate(row: &[f32], sum: &mut [f64], sum_sq: &mut [f64], max_abs: &mut [f64]) {
+    for (((s, q), m), &x) in sum
+        .iter_mut()
+        .zip(sum_sq.iter_mut())
+        .zip(max_abs.iter_mut())
+        .zip(row)
+    {
+        let x = f64::from(x);
+        *s += x;
+        *q += x * x;
+        let a = x.abs();
+        *m = if a > *m { a } else { *m };
+    }
+}
+
+/// Residuals of one token's row against per-channel reciprocal steps and zero points.
+#[inline(always)]
+fn quantize_row(row: &[f32], inv: &[f64], zero: &[i32], out: &mut [i32]) {
+    for (((r, &x), &inv), &m) in out.iter_mut().zip(row).zip(inv).zip(zero) {
+        *r = round_i32(f64::from(x) * inv).wrapping_sub(m);
+    }
+}
+
+/// Encodes a key part with groups per (row of `group_blocks` streams, channel) (kind 2).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn encode_key_rows(
+    part: &[f32],
+    t: usize,
+    c: usize,
+    block: usize,
+    group_blocks: usize,
+    factor: f64,
+    step_per_row: bool,
+    scratch: &mut Scratch,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    let g = group_blocks * block;
+    let rows = t.div_ceil(g);
+    let n = rows * c;
+    let (mut sum, mut sum_sq, mut max_abs) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
+    for (ti, row) in part.chunks_exact(c).enumerate() {
+        let at = ti / g * c;
+        accumulate(
+            row,
+            &mut sum[at..at + c],
+            &mut sum_sq[at..at + c],
+            &mut max_abs[at..at + c],
+        );
+    }
+    if sum_sq.iter().any(|q| !q.is_finite()) {
+        return Err(unencodable("a non-finite element"));
+    }
+    // Per row: the RMS over channels of their σ within the row, and the largest |x|.
+    let row_tokens = |r: usize| g.min(t - r * g) as f64;
+    let mut var_rows = Vec::with_capacity(rows);
+    for r in 0..rows {
+        let nt = row_tokens(r);
+        let v: f64 = (r * c..(r + 1) * c)
+            .map(|i| (sum_sq[i] / nt - (sum[i] / nt).powi(2)).max(0.0))
+            .sum::<f64>()
+            / c.max(1) as f64;
+        var_rows.push(v);
+    }
+    let pooled_all = (var_rows.iter().sum::<f64>() / rows.max(1) as f64).sqrt();
+    let mut e_rows = Vec::with_capacity(rows);
+    for (r, &v) in var_rows.iter().enumerate() {
+        let sigma = if step_per_row { v.sqrt() } else { pooled_all };
+        let max_row = max_abs[r * c..(r + 1) * c].iter().copied().fold(0.0, f64::max);
+        e_rows.push(step_index(factor * sigma, max_row)?);
+    }
+    let zero: Vec<i32> = (0..n)
+        .map(|i| {
+            let r = i / c.max(1);
+            (sum[i] / row_tokens(r) / f64::from(step(e_rows[r]))).round() as i32
+        })
+        .collect();
+    out.push(GroupKind::Rows as u8);
+    put_varint(out, group_blocks as u32);
+    out.extend_from_slice(&e_rows);
+    for &m in &zero[..c] {
+        put_svarint(out, m);
+    }
+    if rows > 1 {
+        let deltas: Vec<i32> = (c..n)
+            .map(|i| {
+                let r = i / c;
+                zero[i].wrapping_sub(predict(zero[i - c], e_rows[r - 1], e_rows[r]))
+            })
+            .collect();
+        put_ints(&deltas, &mut scratch.syms, &mut scratch.words, out)?;
+    }
+    let inv: Vec<f64> = e_rows.iter().map(|&e| 1.0 / f64::from(step(e))).collect();
+    let res = &mut scratch.ints;
+    res.clear();
+    res.resize(part.len(), 0);
+    let mut invs = vec![0f64; c];
+    for (ti, (row, out_row)) in part.chunks_exact(c).zip(res.chunks_exact_mut(c)).enumerate() {
+        let r = ti / g;
+        if ti % g == 0 {
+            invs.fill(inv[r]);
+        }
+        quantize_row(row, &invs, &zero[r * c..(r + 1) * c], out_row);
+    }
+    encode_symbols(res, c, block, &mut scratch.syms, &mut scratch.words, out)
+}
+
+/// Histogram of values in [-32, 31] (bins 0..64), everything else in bin 64.
+#[inline(always)]
+fn histogram(vals: &[i32]) -> [u64; 65] {
+    // Four interleaved histograms: consecutive values often fall in the same bin, and
     // one counter would make every increment wait for the previous one.
     let mut hists = [[0u32; 65]; 4];
-    let mut quads = res.chunks_exact(4);
+    let mut quads = vals.chunks_exact(4);
     for q in &mut quads {
         for (h, &r) in hists.iter_mut().zip(q) {
             // Negative or large values wrap to >= 64 and are clamped to the overflow bin.
@@ -407,7 +721,13 @@ fn encode_part(
             *a += u64::from(b);
         }
     }
-    let total = res.len() as f64;
+    hist
+}
+
+/// The alphabet half-width `M` that minimises the estimated size of values with
+/// histogram `hist` (see [`histogram`]), and its frequency table.
+fn alphabet(hist: &[u64; 65]) -> Result<(usize, FreqTable), CodecError> {
+    let total = hist.iter().sum::<u64>() as f64;
     let cost = |m: usize| -> f64 {
         let inside = &hist[32 - m..=32 + m];
         let esc = total - inside.iter().sum::<u64>() as f64;
@@ -417,38 +737,63 @@ fn encode_part(
             + esc * ESCAPE_BITS
             + (4 * m + 5) as f64 * 8.0
     };
-    let m_best = (0..=MAX_M)
+    let m = (0..=MAX_M)
         .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
         .unwrap_or(MAX_M);
-    let esc_sym = (2 * m_best + 1) as u8;
-    let mut counts = vec![0u64; 2 * m_best + 2];
-    counts[..=2 * m_best].copy_from_slice(&hist[32 - m_best..=32 + m_best]);
-    counts[2 * m_best + 1] = res.len() as u64 - counts[..=2 * m_best].iter().sum::<u64>();
-    let table = FreqTable::from_counts(&counts)?;
-    out.push(m_best as u8);
-    table.write(out);
-    // Streams: `block` tokens each.
-    let mut esc = Vec::new();
-    let mut stream = Vec::new();
-    let m_i = m_best as i32;
-    for blk in res.chunks(block * c) {
-        let syms = &mut scratch.syms;
-        syms.clear();
-        esc.clear();
-        // Branch-free mapping; residuals outside [-M, M] wrap above 2M and become the
-        // escape symbol, whose values follow in a (rare) second pass.
-        let span = 2 * m_i as u32;
-        syms.extend(blk.iter().map(|&r| {
-            let s = r.wrapping_add(m_i) as u32;
-            if s <= span { s as u8 } else { esc_sym }
-        }));
-        if syms.contains(&esc_sym) {
-            for &r in blk.iter().filter(|&&r| r.unsigned_abs() as usize > m_best) {
-                put_svarint(&mut esc, r);
-            }
+    let mut counts = vec![0u64; 2 * m + 2];
+    counts[..=2 * m].copy_from_slice(&hist[32 - m..=32 + m]);
+    counts[2 * m + 1] = hist.iter().sum::<u64>() - counts[..=2 * m].iter().sum::<u64>();
+    Ok((m, FreqTable::from_counts(&counts)?))
+}
+
+/// Codes `vals` with alphabet `[-m, m]` plus escape under `table`: the rANS stream into
+/// `stream`, the escaped values (zigzag varints) into `esc`.
+#[inline(always)]
+fn code_values(
+    vals: &[i32],
+    m: usize,
+    table: &FreqTable,
+    syms: &mut Vec<u8>,
+    words: &mut Vec<u16>,
+    stream: &mut Vec<u8>,
+    esc: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    let m_i = m as i32;
+    let esc_sym = (2 * m + 1) as u8;
+    syms.clear();
+    esc.clear();
+    // Branch-free mapping; values outside [-M, M] wrap above 2M and become the escape
+    // symbol, whose values follow in a (rare) second pass.
+    let span = 2 * m_i as u32;
+    syms.extend(vals.iter().map(|&r| {
+        let s = r.wrapping_add(m_i) as u32;
+        if s <= span { s as u8 } else { esc_sym }
+    }));
+    if syms.contains(&esc_sym) {
+        for &r in vals.iter().filter(|&&r| r.unsigned_abs() as usize > m) {
+            put_svarint(esc, r);
         }
-        stream.clear();
-        rans::encode(syms, &table, &mut scratch.words, &mut stream)?;
+    }
+    stream.clear();
+    rans::encode(syms, table, words, stream)
+}
+
+/// Appends a part's residuals: `M`, the frequency table, then `block` tokens per stream.
+#[inline(always)]
+fn encode_symbols(
+    res: &[i32],
+    c: usize,
+    block: usize,
+    syms: &mut Vec<u8>,
+    words: &mut Vec<u16>,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    let (m, table) = alphabet(&histogram(res))?;
+    out.push(m as u8);
+    table.write(out);
+    let (mut stream, mut esc) = (Vec::new(), Vec::new());
+    for blk in res.chunks((block * c).max(1)) {
+        code_values(blk, m, &table, syms, words, &mut stream, &mut esc)?;
         put_varint(out, stream.len() as u32);
         put_varint(out, esc.len() as u32);
         out.extend_from_slice(&stream);
@@ -457,37 +802,37 @@ fn encode_part(
     Ok(())
 }
 
-/// Reads a part's header: kind, one step per group, the zero points, the alphabet `M`
-/// and the frequency table. Appends each group's step and `zero - M` (so that a symbol `s`
-/// decodes to `(s + bias) * step`) to `steps` and `biases`; returns `(per_token, M,
-/// table)`. Shared by the decoder and the decode planner, so both accept exactly the same
-/// payloads.
-fn read_part_header(
-    r: &mut PayloadReader<'_>,
-    t: usize,
-    c: usize,
-    steps: &mut Vec<f32>,
-    biases: &mut Vec<i32>,
-) -> Result<(bool, usize, FreqTable), CodecError> {
-    let per_token = match r.u8()? {
-        0 => false,
-        1 => true,
-        k => return Err(CodecError::Corrupt(format!("kv part kind {k}"))),
-    };
-    let groups = if per_token { t } else { c };
-    steps.extend(r.take(groups)?.iter().map(|&e| step(e)));
-    let zeros_at = biases.len();
-    for _ in 0..groups {
-        biases.push(r.svarint()?);
-    }
+/// Appends `vals` as a coded integer sequence (see the module docs).
+fn put_ints(
+    vals: &[i32],
+    syms: &mut Vec<u8>,
+    words: &mut Vec<u16>,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    let (d, table) = alphabet(&histogram(vals))?;
+    out.push(d as u8);
+    table.write(out);
+    let (mut stream, mut esc) = (Vec::new(), Vec::new());
+    code_values(vals, d, &table, syms, words, &mut stream, &mut esc)?;
+    put_varint(out, stream.len() as u32);
+    put_varint(out, esc.len() as u32);
+    out.extend_from_slice(&stream);
+    out.extend_from_slice(&esc);
+    Ok(())
+}
+
+/// Reads an alphabet half-width and its frequency table of `2M + 2` symbols.
+fn read_table(r: &mut PayloadReader<'_>, what: &str) -> Result<(usize, FreqTable), CodecError> {
     let m = usize::from(r.u8()?);
     if m > MAX_M {
-        return Err(CodecError::Corrupt(format!("kv alphabet M = {m} above {MAX_M}")));
+        return Err(CodecError::Corrupt(format!(
+            "kv {what} alphabet M = {m} above {MAX_M}"
+        )));
     }
     let n_syms = usize::from(r.u8()?);
     if n_syms != 2 * m + 2 {
         return Err(CodecError::Corrupt(format!(
-            "kv table has {n_syms} symbols, expected {}",
+            "kv {what} table has {n_syms} symbols, expected {}",
             2 * m + 2
         )));
     }
@@ -496,13 +841,131 @@ fn read_part_header(
         .chunks_exact(2)
         .map(|b| u16::from_le_bytes([b[0], b[1]]))
         .collect();
-    let table = FreqTable::from_freqs(freqs)?;
+    Ok((m, FreqTable::from_freqs(freqs)?))
+}
+
+/// Buffers a part header needs to decode coded integer sequences.
+pub(crate) struct SideBufs<'a> {
+    pub(crate) dtable: &'a mut DecodeTable,
+    pub(crate) syms: &'a mut Vec<u8>,
+    pub(crate) words: &'a mut Vec<u16>,
+}
+
+/// Reads a coded integer sequence of `n` values, appending them to `out`.
+fn read_ints(
+    r: &mut PayloadReader<'_>,
+    n: usize,
+    bufs: &mut SideBufs<'_>,
+    out: &mut Vec<i32>,
+) -> Result<(), CodecError> {
+    let (d, table) = read_table(r, "zero-point")?;
+    let rans_len = r.varint()? as usize;
+    let esc_len = r.varint()? as usize;
+    let stream = r.take(rans_len)?;
+    let mut escs = r.take(esc_len)?;
+    bufs.dtable.rebuild(&table);
+    bufs.syms.clear();
+    bufs.syms.resize(n, 0);
+    rans::decode_with(stream, bufs.dtable, bufs.syms, bufs.words)?;
+    let esc_sym = (2 * d + 1) as u8;
+    out.reserve(n);
+    for &s in bufs.syms.iter() {
+        if s == esc_sym {
+            let (v, used) = read_varint(escs)
+                .ok_or_else(|| CodecError::Corrupt("kv zero-point escape missing or malformed".into()))?;
+            escs = &escs[used..];
+            out.push(unzigzag(v));
+        } else {
+            out.push(i32::from(s) - d as i32);
+        }
+    }
+    if !escs.is_empty() {
+        return Err(CodecError::Corrupt(format!(
+            "kv zero points have {} unused escape bytes",
+            escs.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads a part's header: kind, the groups' steps and zero points, the alphabet `M` and
+/// the frequency table. Appends each group's step and `zero - M` (so that a symbol `s`
+/// decodes to `(s + bias) * step`) to `steps` and `biases` (indexed as
+/// [`Grouping::group`] says); returns `(grouping, M, table)`. Shared by the decoder and
+/// the decode planner, so both accept exactly the same payloads.
+#[allow(clippy::too_many_arguments)]
+fn read_part_header(
+    r: &mut PayloadReader<'_>,
+    p: Params,
+    t: usize,
+    c: usize,
+    steps: &mut Vec<f32>,
+    biases: &mut Vec<i32>,
+    bufs: &mut SideBufs<'_>,
+) -> Result<(Grouping, usize, FreqTable), CodecError> {
+    let zeros_at = biases.len();
+    let kind = r.u8()?;
+    let grouping = match kind {
+        0 | 1 => {
+            let (kind, groups) = if kind == 0 {
+                (GroupKind::Channels, c)
+            } else {
+                (GroupKind::Tokens, t)
+            };
+            steps.extend(r.take(groups)?.iter().map(|&e| step(e)));
+            for _ in 0..groups {
+                biases.push(r.svarint()?);
+            }
+            Grouping {
+                kind,
+                group_tokens: 0,
+            }
+        }
+        2 if p.format >= FORMAT_V2 => {
+            let gb = r.varint()? as usize;
+            let g = gb
+                .checked_mul(p.block)
+                .filter(|&g| g > 0)
+                .ok_or_else(|| CodecError::Corrupt(format!("kv key rows of {gb} blocks")))?;
+            let rows = t.div_ceil(g);
+            let e_rows = r.take(rows)?;
+            for &e in e_rows {
+                steps.extend(std::iter::repeat_n(step(e), c));
+            }
+            for _ in 0..c {
+                biases.push(r.svarint()?);
+            }
+            if rows > 1 {
+                read_ints(r, (rows - 1) * c, bufs, biases)?;
+                // Differences to zero points, row by row.
+                for row in 1..rows {
+                    let (e_prev, e) = (e_rows[row - 1], e_rows[row]);
+                    for i in zeros_at + row * c..zeros_at + (row + 1) * c {
+                        let m = i64::from(predict(biases[i - c], e_prev, e)) + i64::from(biases[i]);
+                        biases[i] = i32::try_from(m)
+                            .map_err(|_| CodecError::Corrupt("kv zero point out of range".into()))?;
+                    }
+                }
+            }
+            Grouping {
+                kind: GroupKind::Rows,
+                group_tokens: g,
+            }
+        }
+        k => {
+            return Err(CodecError::Corrupt(format!(
+                "kv part kind {k} in format {}",
+                p.format
+            )));
+        }
+    };
+    let (m, table) = read_table(r, "residual")?;
     for z in &mut biases[zeros_at..] {
         *z = z
             .checked_sub(m as i32)
             .ok_or_else(|| CodecError::Corrupt("kv zero point out of range".into()))?;
     }
-    Ok((per_token, m, table))
+    Ok((grouping, m, table))
 }
 
 pub(super) fn decode_layer(
@@ -538,23 +1001,13 @@ fn decode_layer_with(
     scratch: &mut Scratch,
     simd: bool,
 ) -> Result<(), CodecError> {
-    let block = parse_params(params)?;
+    let p = parse_params(params)?;
     let (t, c, n) = (geom.tokens, geom.channels, geom.part_elems());
     let mut r = PayloadReader::new(payload, "kv");
     let mut dtable = scratch.dtable.take().unwrap_or_default();
     let result = (|| {
         for out_part in out.chunks_exact_mut(n * out_dtype.size()) {
-            decode_part(
-                &mut r,
-                t,
-                c,
-                block,
-                out_dtype,
-                out_part,
-                &mut dtable,
-                scratch,
-                simd,
-            )?;
+            decode_part(&mut r, p, t, c, out_dtype, out_part, &mut dtable, scratch, simd)?;
         }
         r.finish()
     })();
@@ -565,33 +1018,46 @@ fn decode_layer_with(
 #[allow(clippy::too_many_arguments)]
 fn decode_part(
     r: &mut PayloadReader<'_>,
+    p: Params,
     t: usize,
     c: usize,
-    block: usize,
     out_dtype: Dtype,
     out: &mut [u8],
     dtable: &mut DecodeTable,
     scratch: &mut Scratch,
     simd: bool,
 ) -> Result<(), CodecError> {
+    let block = p.block;
     let (steps, zeros) = (&mut scratch.f32b, &mut scratch.ints);
     steps.clear();
     zeros.clear();
-    let (per_token, m, table) = read_part_header(r, t, c, steps, zeros)?;
+    let (grouping, m, table) = read_part_header(
+        r,
+        p,
+        t,
+        c,
+        steps,
+        zeros,
+        &mut SideBufs {
+            dtable,
+            syms: &mut scratch.syms,
+            words: &mut scratch.words,
+        },
+    )?;
     dtable.rebuild(&table);
     let esc_sym = (2 * m + 1) as u8;
+    let g = Groups {
+        c,
+        grouping,
+        m,
+        zeros,
+        steps,
+    };
     #[cfg(target_arch = "x86_64")]
     if simd && c.is_multiple_of(rans::LANES) {
-        let g = Groups {
-            t,
-            c,
-            per_token,
-            m,
-            zeros,
-            steps,
-        };
         return decode_part_avx2(
             r,
+            t,
             block,
             esc_sym,
             &g,
@@ -603,14 +1069,6 @@ fn decode_part(
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = simd;
-    let g = Groups {
-        t,
-        c,
-        per_token,
-        m,
-        zeros,
-        steps,
-    };
     let (syms, row, halfs, words, esc_at) = (
         &mut scratch.syms,
         &mut scratch.f32s,
@@ -640,13 +1098,16 @@ fn decode_part(
             .zip(out_blk.chunks_exact_mut(row_bytes))
             .enumerate()
         {
-            if per_token {
-                let (b, d) = (zeros[t0 + k], steps[t0 + k]);
+            let tok = t0 + k;
+            if grouping.kind == GroupKind::Tokens {
+                let (b, d) = (g.zeros[tok], g.steps[tok]);
                 for (x, &s) in row.iter_mut().zip(srow) {
                     *x = i32::from(s).wrapping_add(b) as f32 * d;
                 }
             } else {
-                for (((x, &s), &b), &d) in row.iter_mut().zip(srow).zip(zeros.iter()).zip(steps.iter()) {
+                let at = grouping.row_start(c, tok);
+                let (zs, ds) = (&g.zeros[at..at + c], &g.steps[at..at + c]);
+                for (((x, &s), &b), &d) in row.iter_mut().zip(srow).zip(zs).zip(ds) {
                     *x = i32::from(s).wrapping_add(b) as f32 * d;
                 }
             }
@@ -668,9 +1129,8 @@ fn decode_part(
 
 /// A part's groups: what dequantization needs beyond the symbols.
 struct Groups<'a> {
-    t: usize,
     c: usize,
-    per_token: bool,
+    grouping: Grouping,
     m: usize,
     zeros: &'a [i32],
     steps: &'a [f32],
@@ -694,11 +1154,7 @@ impl Groups<'_> {
             let (v, used) = read_varint(escs)
                 .ok_or_else(|| CodecError::Corrupt("kv escape missing or malformed".into()))?;
             escs = &escs[used..];
-            let g = if self.per_token {
-                t0 + i / self.c
-            } else {
-                i % self.c
-            };
+            let g = self.grouping.group(self.c, t0 + i / self.c, i % self.c);
             let q = i64::from(unzigzag(v)) + i64::from(self.zeros[g]) + self.m as i64;
             store_f32(
                 &[q as f32 * self.steps[g]],
@@ -723,6 +1179,7 @@ impl Groups<'_> {
 #[allow(clippy::too_many_arguments)]
 fn decode_part_avx2(
     r: &mut PayloadReader<'_>,
+    t: usize,
     block: usize,
     esc_sym: u8,
     g: &Groups<'_>,
@@ -732,7 +1189,7 @@ fn decode_part_avx2(
     (words, masks, halfs): (&mut Vec<u16>, &mut Vec<u8>, &mut Vec<half::f16>),
 ) -> Result<(), CodecError> {
     use super::kv_avx2::{Block, MAX_STREAMS, PartParams, decode_blocks};
-    let (t, c) = (g.t, g.c);
+    let c = g.c;
     let size = out_dtype.size();
     // Every block's framing first: the vector decoder takes several blocks at once.
     let n_blocks = t.div_ceil(block);
@@ -742,10 +1199,12 @@ fn decode_part_avx2(
         let esc_len = r.varint()? as usize;
         framing.push((r.take(rans_len)?, r.take(esc_len)?));
     }
+    let per_token = g.grouping.kind == GroupKind::Tokens;
     let p = PartParams {
         slots: dtable.slots(),
         channels: c,
-        per_token: g.per_token,
+        per_token,
+        shared_groups: g.grouping.kind == GroupKind::Channels,
         esc_sym,
         out_dtype,
     };
@@ -763,11 +1222,14 @@ fn decode_part_avx2(
             .enumerate()
             .map(|(j, (o, &(stream, _)))| {
                 let t0 = (b0 + j) * block;
-                let (biases, steps) = if g.per_token {
+                let (biases, steps) = if per_token {
                     let tk = tokens_of(b0 + j);
                     (&g.zeros[t0..t0 + tk], &g.steps[t0..t0 + tk])
                 } else {
-                    (g.zeros, g.steps)
+                    // A row holds whole blocks, so the block's groups are its first
+                    // token's.
+                    let at = g.grouping.row_start(c, t0);
+                    (&g.zeros[at..at + c], &g.steps[at..at + c])
                 };
                 Block {
                     stream,
@@ -806,63 +1268,99 @@ pub(crate) fn plan_layer(
     place: LayerPlace,
     plan: &mut RansPlan,
 ) -> Result<(), CodecError> {
-    let block = parse_params(params)?;
+    let p = parse_params(params)?;
+    let block = p.block;
     let (t, c) = (place.tokens, place.channels);
     let mut r = PayloadReader::new(payload, "kv");
-    for kind in 0..2u32 {
-        let group_start = index(plan.steps.len())?;
-        let (per_token, m, table) = read_part_header(&mut r, t, c, &mut plan.steps, &mut plan.biases)?;
-        plan.freqs
-            .extend((0..rans::MAX_SYMBOLS).map(|s| table.freq(s) as u16));
-        let part = index(plan.parts.len())?;
-        plan.parts.push(RansPart {
-            out_slot: place.out_slot + kind,
-            per_token: u32::from(per_token),
-            group_start,
-            m: m as u32,
-            token_offset: place.token_offset,
-            first_stream: index(plan.streams.len())?,
-            stream_count: index(t.div_ceil(block))?,
-            reserved: 0,
-        });
-        for (bi, token_start) in (0..t).step_by(block).enumerate() {
-            let tokens = block.min(t - token_start);
-            let rans_len = r.varint()? as usize;
-            let esc_len = r.varint()? as usize;
-            let stream = r.take(rans_len)?;
-            if !rans_len.is_multiple_of(2) || rans_len < 4 * rans::LANES {
-                return Err(CodecError::Corrupt(format!(
-                    "kv block {bi}: rANS stream of {rans_len} bytes"
-                )));
+    crate::with_scratch(|scratch| {
+        let mut dtable = scratch.dtable.take().unwrap_or_default();
+        let result = (|| {
+            for kind in 0..2u32 {
+                let group_start = index(plan.steps.len())?;
+                let (grouping, m, table) = read_part_header(
+                    &mut r,
+                    p,
+                    t,
+                    c,
+                    &mut plan.steps,
+                    &mut plan.biases,
+                    &mut SideBufs {
+                        dtable: &mut dtable,
+                        syms: &mut scratch.syms,
+                        words: &mut scratch.words,
+                    },
+                )?;
+                plan.freqs
+                    .extend((0..rans::MAX_SYMBOLS).map(|s| table.freq(s) as u16));
+                let part = index(plan.parts.len())?;
+                plan.parts.push(RansPart {
+                    out_slot: place.out_slot + kind,
+                    group_kind: grouping.kind as u32,
+                    group_start,
+                    m: m as u32,
+                    token_offset: place.token_offset,
+                    first_stream: index(plan.streams.len())?,
+                    stream_count: index(t.div_ceil(block))?,
+                    group_tokens: index(grouping.group_tokens)?,
+                });
+                plan_streams(&mut r, payload, place, block, t, c, part, plan)?;
             }
-            let mut escs = r.take(esc_len)?;
-            let before = plan.escapes.len();
-            let escape_start = index(before)?;
-            while !escs.is_empty() {
-                let (v, used) = read_varint(escs)
-                    .ok_or_else(|| CodecError::Corrupt("kv escape missing or malformed".into()))?;
-                escs = &escs[used..];
-                plan.escapes.push(unzigzag(v));
-            }
-            let escape_count = (plan.escapes.len() - before) as u32;
-            if plan.escapes.len() - before > tokens * c {
-                return Err(CodecError::Corrupt(format!(
-                    "kv block {bi} has {escape_count} escapes for {} elements",
-                    tokens * c
-                )));
-            }
-            plan.streams.push(RansStream {
-                part,
-                token_start: token_start as u32,
-                tokens: tokens as u32,
-                escape_start,
-                escape_count,
-                data_len: rans_len as u32,
-                data_offset: input_offset(payload, stream, place.payload_offset),
-            });
+            r.finish()
+        })();
+        scratch.dtable = Some(dtable);
+        result
+    })
+}
+
+/// Adds a part's streams to the plan.
+#[allow(clippy::too_many_arguments)]
+fn plan_streams(
+    r: &mut PayloadReader<'_>,
+    payload: &[u8],
+    place: LayerPlace,
+    block: usize,
+    t: usize,
+    c: usize,
+    part: u32,
+    plan: &mut RansPlan,
+) -> Result<(), CodecError> {
+    for (bi, token_start) in (0..t).step_by(block).enumerate() {
+        let tokens = block.min(t - token_start);
+        let rans_len = r.varint()? as usize;
+        let esc_len = r.varint()? as usize;
+        let stream = r.take(rans_len)?;
+        if !rans_len.is_multiple_of(2) || rans_len < 4 * rans::LANES {
+            return Err(CodecError::Corrupt(format!(
+                "kv block {bi}: rANS stream of {rans_len} bytes"
+            )));
         }
+        let mut escs = r.take(esc_len)?;
+        let before = plan.escapes.len();
+        let escape_start = index(before)?;
+        while !escs.is_empty() {
+            let (v, used) = read_varint(escs)
+                .ok_or_else(|| CodecError::Corrupt("kv escape missing or malformed".into()))?;
+            escs = &escs[used..];
+            plan.escapes.push(unzigzag(v));
+        }
+        let escape_count = (plan.escapes.len() - before) as u32;
+        if plan.escapes.len() - before > tokens * c {
+            return Err(CodecError::Corrupt(format!(
+                "kv block {bi} has {escape_count} escapes for {} elements",
+                tokens * c
+            )));
+        }
+        plan.streams.push(RansStream {
+            part,
+            token_start: token_start as u32,
+            tokens: tokens as u32,
+            escape_start,
+            escape_count,
+            data_len: rans_len as u32,
+            data_offset: input_offset(payload, stream, place.payload_offset),
+        });
     }
-    r.finish()
+    Ok(())
 }
 
 #[cfg(test)]
@@ -885,55 +1383,91 @@ mod tests {
     }
 
     /// The bound of the module docs, computed independently of the encoder: the group's
-    /// step is at most `f σ` (σ pooled over channels for keys) rounded up a
-    /// quarter-octave-half (2^(1/8)), or the smallest
+    /// step is at most `f σ` (σ pooled over channels for keys, within the row for key
+    /// rows) rounded up a quarter-octave-half (2^(1/8)), or the smallest
     /// step that keeps `max |x| / Δ <= 2^29`, or the grid's minimum.
-    fn check_bound(profile: Profile, shape: KvShape, x: &[f32], y: &[f32]) -> Result<(), TestCaseError> {
+    fn check_bound(tuning: &KvTuning, blob: &[u8], x: &[f32], y: &[f32]) -> Result<(), TestCaseError> {
+        let container = crate::Container::parse(blob)?;
+        let h = container.header();
+        let shape = h.shape();
         let (t, c) = (shape.tokens as usize, (shape.kv_heads * shape.head_dim) as usize);
-        let tuning = KvTuning::of(profile).expect("a kv profile");
+        // Key rows exactly in format 2 (the encoder writes format 1 otherwise).
+        let block = usize::from(u16::from_le_bytes([h.params[3], h.params[4]]));
+        let rows_g = match h.params[0] {
+            FORMAT_V2 => Some(tuning.key_group_blocks(block).expect("format 2 has rows") * block),
+            _ => None,
+        };
+        let bound_step = |f: f64, sigma: f64, max_abs: f64| {
+            (f * sigma * 2f64.powf(0.125))
+                .max(max_abs * 2f64.powi(-28))
+                .max(2f64.powi(-40))
+                * (1.0 + 1e-6)
+        };
         for (p, (xp, yp)) in x.chunks_exact(t * c).zip(y.chunks_exact(t * c)).enumerate() {
             let per_token = p % 2 == 1;
             let f = tuning.factor((p / 2) as u32, shape.layers, per_token);
-            let groups = if per_token { t } else { c };
-            let members = |g: usize| -> Vec<usize> {
-                if per_token {
-                    (g * c..(g + 1) * c).collect()
-                } else {
-                    (0..t).map(|ti| ti * c + g).collect()
-                }
-            };
             let variance = |idx: &[usize]| {
                 let n = idx.len() as f64;
                 let mean = idx.iter().map(|&i| f64::from(xp[i])).sum::<f64>() / n;
                 (idx.iter().map(|&i| f64::from(xp[i]).powi(2)).sum::<f64>() / n - mean * mean).max(0.0)
             };
-            // The σ each group's step follows: the pooled RMS times the group's own σ
-            // relative to it, to the tuning's power.
-            let own: Vec<f64> = (0..groups).map(|g| variance(&members(g)).sqrt()).collect();
-            let pooled = (own.iter().map(|s| s * s).sum::<f64>() / groups as f64).sqrt();
-            let power = if per_token {
-                tuning.value_power
-            } else {
-                tuning.key_power
-            };
-            for (g, &own_g) in own.iter().enumerate() {
-                let idx = members(g);
-                let sigma = if pooled > 0.0 {
-                    pooled * (own_g / pooled).clamp(1.0 / 256.0, 256.0).powf(power)
-                } else {
-                    0.0
-                };
-                let max_abs = idx.iter().map(|&i| f64::from(xp[i]).abs()).fold(0.0, f64::max);
-                let step = (f * sigma * 2f64.powf(0.125))
-                    .max(max_abs * 2f64.powi(-28))
-                    .max(2f64.powi(-40))
-                    * (1.0 + 1e-6);
-                for &i in &idx {
+            let max_abs = |idx: &[usize]| idx.iter().map(|&i| f64::from(xp[i]).abs()).fold(0.0, f64::max);
+            // (members, step bound) of every group.
+            let mut groups: Vec<(Vec<usize>, f64)> = Vec::new();
+            match rows_g {
+                Some(g) if !per_token => {
+                    let rows = t.div_ceil(g);
+                    let member = |r: usize, ch: usize| -> Vec<usize> {
+                        (r * g..((r + 1) * g).min(t)).map(|ti| ti * c + ch).collect()
+                    };
+                    let var_rows: Vec<f64> = (0..rows)
+                        .map(|r| (0..c).map(|ch| variance(&member(r, ch))).sum::<f64>() / c as f64)
+                        .collect();
+                    let pooled = (var_rows.iter().sum::<f64>() / rows as f64).sqrt();
+                    for (r, v) in var_rows.iter().enumerate() {
+                        let sigma = if tuning.key_step_per_row { v.sqrt() } else { pooled };
+                        let all: Vec<usize> = (0..c).flat_map(|ch| member(r, ch)).collect();
+                        let step = bound_step(f, sigma, max_abs(&all));
+                        groups.extend((0..c).map(|ch| (member(r, ch), step)));
+                    }
+                }
+                _ => {
+                    let n_groups = if per_token { t } else { c };
+                    let members = |g: usize| -> Vec<usize> {
+                        if per_token {
+                            (g * c..(g + 1) * c).collect()
+                        } else {
+                            (0..t).map(|ti| ti * c + g).collect()
+                        }
+                    };
+                    // The σ each group's step follows: the pooled RMS times the group's
+                    // own σ relative to it, to the tuning's power.
+                    let own: Vec<f64> = (0..n_groups).map(|g| variance(&members(g)).sqrt()).collect();
+                    let pooled = (own.iter().map(|s| s * s).sum::<f64>() / n_groups as f64).sqrt();
+                    let power = if per_token {
+                        tuning.value_power
+                    } else {
+                        tuning.key_power
+                    };
+                    for (g, &own_g) in own.iter().enumerate() {
+                        let idx = members(g);
+                        let sigma = if pooled > 0.0 {
+                            pooled * (own_g / pooled).clamp(1.0 / 256.0, 256.0).powf(power)
+                        } else {
+                            0.0
+                        };
+                        let step = bound_step(f, sigma, max_abs(&idx));
+                        groups.push((idx, step));
+                    }
+                }
+            }
+            for (g, (idx, step)) in groups.iter().enumerate() {
+                for &i in idx {
                     let err = f64::from(xp[i] - yp[i]).abs();
                     let bound = step / 2.0 + 2f64.powi(-22) * f64::from(xp[i]).abs();
                     prop_assert!(
                         err <= bound,
-                        "{profile} part {p} group {g} elem {i}: {} vs {}, err {err} > {bound}",
+                        "part {p} group {g} elem {i}: {} vs {}, err {err} > {bound}",
                         xp[i],
                         yp[i]
                     );
@@ -943,15 +1477,32 @@ mod tests {
         Ok(())
     }
 
+    /// A profile's tuning with key rows of about `rows` tokens (0: none), steps per row or
+    /// pooled.
+    fn with_rows(profile: Profile, rows: u32, per_row: bool) -> KvTuning {
+        KvTuning {
+            key_group_tokens: rows,
+            key_step_per_row: per_row,
+            ..KvTuning::of(profile).expect("a kv profile")
+        }
+    }
+
     proptest! {
         #[test]
         fn lossy_round_trip_within_bound(
             (t, seen) in structured(),
             profile in prop::sample::select(&[Profile::KvHi, Profile::KvMid, Profile::KvLo][..]),
+            rows in prop::sample::select(&[0u32, 8, 20][..]),
+            per_row in any::<bool>(),
         ) {
-            let blob = crate::encode(t.view(), profile)?;
+            let tuning = with_rows(profile, rows, per_row);
+            let blob = crate::encode_tuned(t.view(), profile, &tuning)?;
             let got = decoded_f32(&blob);
-            check_bound(profile, t.shape(), &seen, &got)?;
+            check_bound(&tuning, &blob, &seen, &got)?;
+            // The profile's own tuning, through `encode`.
+            let own = KvTuning::of(profile).expect("a kv profile");
+            let blob = crate::encode(t.view(), profile)?;
+            check_bound(&own, &blob, &seen, &decoded_f32(&blob))?;
         }
     }
 
@@ -1016,6 +1567,45 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        /// The AVX2 build of the encoder writes the portable build's bytes, with and
+        /// without key rows, from every input dtype.
+        #[test]
+        fn vector_encoder_matches_portable(
+            layers in 1u32..3,
+            tokens in 1u32..200,
+            kv_heads in 1u32..4,
+            head_dim in prop::sample::select(&[4u32, 8, 24, 64][..]),
+            profile in prop::sample::select(&[Profile::KvHi, Profile::KvMid, Profile::KvLo][..]),
+            rows in prop::sample::select(&[0u32, 16, 60][..]),
+            dtype in prop::sample::select(Dtype::ALL),
+            seed in any::<u64>(),
+        ) {
+            let t = wide(layers, tokens, kv_heads, head_dim, seed);
+            let mut data = vec![0u8; t.shape().byte_len(dtype).unwrap()];
+            crate::convert(t.data(), t.dtype(), &mut data, dtype).unwrap();
+            let t = crate::KvTensor::new(t.shape(), dtype, data).unwrap();
+            let tuning = with_rows(profile, rows, seed % 2 == 0);
+            let params = params(&tuning, &t.view()).unwrap();
+            let shape = t.shape();
+            let layer_len = shape.layer_byte_len(dtype).unwrap();
+            for (i, layer) in t.data().chunks_exact(layer_len).enumerate() {
+                let geom = LayerGeom {
+                    index: i as u32,
+                    total_layers: layers,
+                    tokens: tokens as usize,
+                    channels: (kv_heads * head_dim) as usize,
+                };
+                let run = |simd| {
+                    encode_layer_with(&tuning, layer, dtype, &params, geom, &mut Scratch::default(), simd).unwrap()
+                };
+                prop_assert_eq!(run(false), run(true), "layer {}", i);
+            }
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
         /// The vector decoder gives the portable decoder's bytes, for every output dtype,
@@ -1027,6 +1617,7 @@ mod tests {
             kv_heads in 1u32..4,
             head_dim in prop::sample::select(&[8u32, 16, 24, 64][..]),
             profile in prop::sample::select(&[Profile::KvHi, Profile::KvMid, Profile::KvLo][..]),
+            rows in prop::sample::select(&[0u32, 16, 60][..]),
             out_dtype in prop::sample::select(Dtype::ALL),
             seed in any::<u64>(),
             at in any::<prop::sample::Index>(),
@@ -1037,7 +1628,7 @@ mod tests {
                 return Ok(());
             }
             let t = wide(layers, tokens, kv_heads, head_dim, seed);
-            let blob = crate::encode(t.view(), profile)?;
+            let blob = crate::encode_tuned(t.view(), profile, &with_rows(profile, rows, seed % 2 == 0))?;
             let portable = decode_layers(&blob, out_dtype, false);
             let vector = decode_layers(&blob, out_dtype, true);
             for (a, b) in portable.iter().zip(&vector) {
@@ -1102,12 +1693,148 @@ mod tests {
         ));
     }
 
+    /// Rewrites a container's checksum after an edit.
+    fn fix_checksum(blob: &mut [u8]) {
+        let n = blob.len() - 4;
+        let crc = crc32c::crc32c(&blob[..n]);
+        blob[n..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// A chunk written by the format-1 encoder (commit 8842c06, `wide(1, 20, 1, 8,
+    /// 0x5eed)` as kv-mid: four 5-token streams per part, escapes) decodes as it did then,
+    /// on both decoder paths.
+    #[test]
+    fn format_1_chunks_still_decode() {
+        let blob = include_bytes!("../../testdata/kv-v1-mid.bin");
+        let c = crate::Container::parse(blob).unwrap();
+        assert_eq!(c.header().params[0], FORMAT_V1);
+        let plan = crate::plan::DecodePlan::of_container(blob, None).unwrap();
+        assert!(
+            !plan.rans.escapes.is_empty(),
+            "the golden chunk should hold escapes"
+        );
+        for (dtype, crc) in [
+            (Dtype::F16, 0x2468_c29e),
+            (Dtype::Bf16, 0x4984_b073),
+            (Dtype::F32, 0x8424_28f8),
+        ] {
+            let n = c.header().shape().byte_len(dtype).unwrap();
+            let mut out = vec![0u8; n];
+            crate::decode_into(blob, dtype, &mut out).unwrap();
+            assert_eq!(crc32c::crc32c(&out), crc, "{dtype:?}");
+            for simd in [false, true] {
+                let layers: Vec<u8> = decode_layers(blob, dtype, simd)
+                    .into_iter()
+                    .flat_map(|l| l.unwrap())
+                    .collect();
+                assert_eq!(layers, out, "{dtype:?}, vector decoder {simd}");
+            }
+        }
+        // Without key rows the encoder still writes format 1 byte for byte: kv-mid's
+        // tuning of that commit, spelled out so that retuning the profile keeps the check.
+        let then = KvTuning {
+            key_factor: 0.9,
+            value_factor: 1.2,
+            early_keys: 1.0 / 6.0,
+            early_values: 1.0 / 15.0,
+            early_scale: 1.0,
+            key_power: 0.0,
+            value_power: 1.5,
+            key_group_tokens: 0,
+            key_step_per_row: true,
+        };
+        let again = crate::encode_tuned(wide(1, 20, 1, 8, 0x5eed).view(), Profile::KvMid, &then).unwrap();
+        assert_eq!(&again[..], &blob[..]);
+    }
+
+    #[test]
+    fn format_follows_the_rows() {
+        let t = wide(2, 100, 1, 16, 3);
+        let format = |tuning: &KvTuning| {
+            let blob = crate::encode_tuned(t.view(), Profile::KvMid, tuning).unwrap();
+            crate::Container::parse(&blob).unwrap().header().params[0]
+        };
+        // 100 tokens in 25-token streams: rows of 25 or 50 tokens need format 2, one row
+        // of 100 (or none) does not.
+        assert_eq!(format(&with_rows(Profile::KvMid, 0, true)), FORMAT_V1);
+        assert_eq!(format(&with_rows(Profile::KvMid, 25, true)), FORMAT_V2);
+        assert_eq!(format(&with_rows(Profile::KvMid, 50, false)), FORMAT_V2);
+        assert_eq!(format(&with_rows(Profile::KvMid, 100, true)), FORMAT_V1);
+        assert_eq!(format(&with_rows(Profile::KvMid, 400, true)), FORMAT_V1);
+        // A format-2 payload under a format-1 header is refused, by the planner too.
+        let mut blob =
+            crate::encode_tuned(t.view(), Profile::KvMid, &with_rows(Profile::KvMid, 25, true)).unwrap();
+        assert_eq!(blob[40], FORMAT_V2);
+        blob[40] = FORMAT_V1;
+        fix_checksum(&mut blob);
+        assert!(matches!(crate::decode(&blob), Err(CodecError::Corrupt(_))));
+        assert!(crate::plan::DecodePlan::of_container(&blob, None).is_err());
+    }
+
+    /// Keys that drift and change scale from row to row: rows get their own zero points
+    /// and steps (predictions across different steps), and the bound holds.
+    #[test]
+    fn drifting_keys_round_trip_in_rows() {
+        let shape = KvShape {
+            layers: 1,
+            tokens: 256,
+            kv_heads: 2,
+            head_dim: 8,
+        };
+        let c = 16;
+        let data: Vec<f32> = (0..shape.elements() as usize)
+            .map(|i| {
+                let (p, ti, ch) = (i / (256 * c), i / c % 256, i % c);
+                let scale = if ti < 128 { 1.0 } else { 9.0 };
+                let drift = 5.0 * ((ti as f64) / 40.0 + ch as f64).sin();
+                let noise = ((i * 2_654_435_761) % 1000) as f64 / 500.0 - 1.0;
+                (if p == 0 { drift + scale * noise } else { noise }) as f32
+            })
+            .collect();
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let t = crate::KvTensor::new(shape, Dtype::F32, bytes).unwrap();
+        for per_row in [true, false] {
+            let tuning = with_rows(Profile::KvMid, 32, per_row);
+            let blob = crate::encode_tuned(t.view(), Profile::KvMid, &tuning).unwrap();
+            assert_eq!(
+                crate::Container::parse(&blob).unwrap().header().params[0],
+                FORMAT_V2
+            );
+            check_bound(&tuning, &blob, &data, &decoded_f32(&blob)).unwrap();
+            // Rows err less than one zero point per channel for the whole chunk here.
+            let plain =
+                crate::encode_tuned(t.view(), Profile::KvMid, &with_rows(Profile::KvMid, 0, true)).unwrap();
+            let err = |b: &[u8]| -> f64 {
+                let y = decoded_f32(b);
+                data[..256 * c]
+                    .iter()
+                    .zip(&y)
+                    .map(|(a, b)| f64::from(a - b).powi(2))
+                    .sum()
+            };
+            assert!(
+                err(&blob) < err(&plain),
+                "rows: {} vs plain {}",
+                err(&blob),
+                err(&plain)
+            );
+        }
+    }
+
     #[test]
     fn params_are_checked() {
-        assert_eq!(parse_params(&[1, 12, 8, 32, 0]), Ok(32));
+        assert_eq!(
+            parse_params(&[1, 12, 8, 32, 0]),
+            Ok(Params { format: 1, block: 32 })
+        );
+        assert_eq!(
+            parse_params(&[2, 12, 8, 41, 0]),
+            Ok(Params { format: 2, block: 41 })
+        );
         for bad in [
             &[][..],
-            &[2, 12, 8, 32, 0],
+            &[3, 12, 8, 32, 0],
+            &[0, 12, 8, 32, 0],
             &[1, 11, 8, 32, 0],
             &[1, 12, 4, 32, 0],
             &[1, 12, 8, 0, 0],

@@ -51,6 +51,9 @@ pub(crate) struct PartParams<'a> {
     pub(crate) channels: usize,
     /// Groups are tokens (one bias and step per row) rather than channels.
     pub(crate) per_token: bool,
+    /// Channel groups shared by every block (true), or each block's own (rows of key
+    /// groups: `Block::biases` and `steps` differ between blocks).
+    pub(crate) shared_groups: bool,
     /// The escape symbol `2M + 1`.
     pub(crate) esc_sym: u8,
     /// Output dtype.
@@ -260,7 +263,7 @@ unsafe fn run<const N: usize, const DT: u8>(
     let (mut row, mut ch) = (0usize, 0usize);
     for k in 0..steps {
         // Symbols 8k..8k + 8 of every block lie in `row`, channels ch..ch + 8 <= c.
-        let (cbias, cstep) = if p.per_token {
+        let (cbias, cstep) = if p.per_token || !p.shared_groups {
             (zero, _mm256_setzero_ps())
         } else {
             // SAFETY: ch + 8 <= c <= biases.len(), steps.len() (same for every block).
@@ -299,8 +302,16 @@ unsafe fn run<const N: usize, const DT: u8>(
                         _mm256_set1_ps(*r.steps.add(row)),
                     )
                 }
-            } else {
+            } else if p.shared_groups {
                 (cbias, cstep)
+            } else {
+                // SAFETY: ch + 8 <= c <= this block's biases.len(), steps.len().
+                unsafe {
+                    (
+                        _mm256_loadu_si256(r.biases.add(ch).cast()),
+                        _mm256_loadu_ps(r.steps.add(ch)),
+                    )
+                }
             };
             let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(sym, bias)), step);
             // SAFETY: (8k + 8) * es <= elems * es == out.len().

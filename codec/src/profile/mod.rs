@@ -115,13 +115,26 @@ impl Profile {
         matches!(self, Profile::Lossless)
     }
 
-    /// The parameter block to store in the header when encoding `view`.
-    pub(crate) fn params(self, view: &KvView<'_>) -> Result<Vec<u8>, CodecError> {
+    /// The parameter block to store in the header when encoding `view`; `tuning`
+    /// replaces a `kv-*` profile's own, as in [`Profile::encode_layer`].
+    pub(crate) fn params(
+        self,
+        view: &KvView<'_>,
+        tuning: Option<&kv::KvTuning>,
+    ) -> Result<Vec<u8>, CodecError> {
         match self {
             // These profiles keep everything they need in the layer payloads.
             Profile::Lossless | Profile::Q8 | Profile::CachegenBaseline => Ok(Vec::new()),
-            Profile::KvHi | Profile::KvMid | Profile::KvLo => kv::params(self, view),
+            Profile::KvHi | Profile::KvMid | Profile::KvLo => match tuning {
+                Some(t) => kv::params(t, view),
+                None => kv::params(&self.kv_tuning()?, view),
+            },
         }
+    }
+
+    /// A `kv-*` profile's own tuning.
+    fn kv_tuning(self) -> Result<kv::KvTuning, CodecError> {
+        kv::KvTuning::of(self).ok_or_else(|| CodecError::UnknownProfile(self.to_string()))
     }
 
     /// Checks a parameter block read from a container.
@@ -157,8 +170,7 @@ impl Profile {
                 let tuning = match tuning {
                     Some(t) => t,
                     None => {
-                        own = kv::KvTuning::of(self)
-                            .ok_or_else(|| CodecError::UnknownProfile(self.to_string()))?;
+                        own = self.kv_tuning()?;
                         &own
                     }
                 };
