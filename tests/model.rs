@@ -477,7 +477,9 @@ fn codec_eval_reports_quality_per_profile() {
     let mid = row(&summary, "kv-mid");
     assert!(num(mid[3]) > 4.0, "kv-mid ratio {}\n{out}", mid[3]);
     assert!(num(mid[8]) > 0.0, "kv-mid KL {}\n{out}", mid[8]);
-    row(&summary, "tuned k0.9 v1.2 e1 kp0 vp1.5");
+    // kv-mid's own factors (and its key rows of 64 tokens) through --tune: kv-mid again.
+    let tuned = row(&summary, "tuned k0.9 v1.2 e1 kp0 vp1.5 rows64");
+    assert_eq!(tuned[3..], mid[3..], "{out}");
     for bad in [
         &["--tune", "1"][..],
         &["--tune", "0.5,x"],
