@@ -794,6 +794,31 @@ mod avx2 {
         }
     }
 
+    /// Scores `sig·Σ + cst` of a block's integer sums (tokens 0..8 in `a0`,
+    /// 8..16 in `a1`), per head.
+    #[inline(always)]
+    unsafe fn store_scores<const NH: usize>(
+        a0: &[__m256i; NH],
+        a1: &[__m256i; NH],
+        sig: &[f32],
+        cst: &[f32],
+        s: &mut [[f32; BLOCK]; TILE],
+    ) {
+        unsafe {
+            for h in 0..NH {
+                let (sg, c) = (_mm256_set1_ps(sig[h]), _mm256_set1_ps(cst[h]));
+                _mm256_storeu_ps(
+                    s[h].as_mut_ptr(),
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0[h]), sg, c),
+                );
+                _mm256_storeu_ps(
+                    s[h].as_mut_ptr().add(8),
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1[h]), sg, c),
+                );
+            }
+        }
+    }
+
     #[inline(always)]
     pub unsafe fn scores_i8<const NH: usize>(
         k: &[i8],
@@ -819,17 +844,7 @@ mod avx2 {
                     a1[h] = _mm256_add_epi32(a1[h], _mm256_madd_epi16(hi, qw));
                 }
             }
-            for h in 0..NH {
-                let (sg, c) = (_mm256_set1_ps(sig[h]), _mm256_set1_ps(cst[h]));
-                _mm256_storeu_ps(
-                    s[h].as_mut_ptr(),
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0[h]), sg, c),
-                );
-                _mm256_storeu_ps(
-                    s[h].as_mut_ptr().add(8),
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1[h]), sg, c),
-                );
-            }
+            store_scores::<NH>(&a0, &a1, sig, cst, s);
         }
     }
 
@@ -881,17 +896,7 @@ mod avx2 {
                         _mm256_add_epi32(a1[h], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a16[h], 1)));
                 }
             }
-            for h in 0..NH {
-                let (sg, c) = (_mm256_set1_ps(sig[h]), _mm256_set1_ps(cst[h]));
-                _mm256_storeu_ps(
-                    s[h].as_mut_ptr(),
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0[h]), sg, c),
-                );
-                _mm256_storeu_ps(
-                    s[h].as_mut_ptr().add(8),
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1[h]), sg, c),
-                );
-            }
+            store_scores::<NH>(&a0, &a1, sig, cst, s);
         }
     }
 
