@@ -238,7 +238,7 @@ mod tests {
                     Some(own) if key_rows > 0 => kvault_codec::encode_tuned(
                         kv.view(),
                         profile,
-                        &KvTuning { key_group_tokens: key_rows, ..own },
+                        &KvTuning { key_group_tokens: key_rows, key_rows_min_tokens: 0, ..own },
                     ),
                     _ => kvault_codec::encode(kv.view(), profile),
                 }

@@ -132,6 +132,7 @@ fn chunks(t: &KvTensor, chunk: u32, profile: Profile, key_rows: u32) -> Vec<Vec<
             Some(own) if key_rows > 0 => {
                 let tuning = KvTuning {
                     key_group_tokens: key_rows,
+                    key_rows_min_tokens: 0,
                     ..own
                 };
                 kvault_codec::encode_tuned(sub_t.view(), profile, &tuning)

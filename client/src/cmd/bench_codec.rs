@@ -3,9 +3,10 @@
 //! of next-token distributions, see `codec_eval.rs`), and CPU encode and decode throughput
 //! (GB/s of fp16) at each thread count.
 //!
-//! The texts are concatenated and cut into windows of `--tokens` + `--cont-tokens` tokens,
-//! back to back; sizes, errors and quality are pooled over all windows, speeds are timed on
-//! the first window's cache.
+//! Each text is cut into up to `--windows` windows of `--tokens` + `--cont-tokens` tokens,
+//! back to back from its start (as `codec-eval` does), so that every kind of text weighs
+//! alike rather than the longest one filling the windows; sizes, errors and quality are
+//! pooled over all windows, speeds are timed on the first window's cache.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -22,7 +23,7 @@ pub struct BenchCodecArgs {
     /// GGUF model (Llama architecture).
     #[arg(long, default_value = ".models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     pub model: PathBuf,
-    /// Text files, concatenated, whose KV caches are measured.
+    /// Text files whose KV caches are measured (windows are cut from each).
     #[arg(long, required = true, num_args = 1..)]
     pub input: Vec<PathBuf>,
     /// Tokens of KV cache per window (fewer if the texts are short).
@@ -31,7 +32,8 @@ pub struct BenchCodecArgs {
     /// Tokens after each window's cache scored for the quality columns.
     #[arg(long, default_value_t = 256)]
     pub cont_tokens: usize,
-    /// Windows at most (as many as the texts hold).
+    /// Windows per text at most (as many as each text holds; a text too short for one
+    /// gives one with a shorter prefix).
     #[arg(long, default_value_t = 1)]
     pub windows: usize,
     /// Chunk sizes in tokens, comma-separated.
@@ -74,13 +76,15 @@ struct Row {
 
 pub fn run(a: BenchCodecArgs) -> anyhow::Result<()> {
     let model = LlamaModel::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
-    let mut text = String::new();
+    let mut wins = Vec::new();
     for p in &a.input {
-        text.push_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?);
-        text.push_str("\n\n");
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        wins.extend(
+            windows(&model, &text, a.tokens, a.cont_tokens, a.windows)
+                .with_context(|| format!("cutting windows of {}", p.display()))?,
+        );
     }
     let profiles = Variant::list(&a.profiles, &[]);
-    let wins = windows(&model, &text, a.tokens, a.cont_tokens, a.windows)?;
     let mut rows: Vec<Row> = (0..a.chunk_tokens.len() * profiles.len())
         .map(|_| Row::default())
         .collect();

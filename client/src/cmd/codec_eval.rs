@@ -53,10 +53,11 @@ pub struct CodecEvalArgs {
     #[arg(long, value_delimiter = ',')]
     pub profiles: Vec<Profile>,
     /// Extra rows: the `kv-mid` encoder with other step factors,
-    /// `KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS]]]]]` (key and value
-    /// step factors in units of σ, factor multiplier of the early layer group, how steps
-    /// follow each group's own σ, tokens per row of key groups (0: none), 1 for a key step
-    /// per row or 0 for one pooled over rows: see `kvault_codec::KvTuning`); omitted
+    /// `KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS[,ROWS_FROM]]]]]]` (key
+    /// and value step factors in units of σ, factor multiplier of the early layer group,
+    /// how steps follow each group's own σ, tokens per row of key groups (0: none), 1 for a
+    /// key step per row or 0 for one pooled over rows, the shortest chunk coded with rows:
+    /// see `kvault_codec::KvTuning`); omitted
     /// fields are kv-mid's. Repeatable. For rate-distortion experiments: the containers
     /// decode with the same decoders.
     #[arg(long, value_parser = parse_tuning)]
@@ -73,9 +74,9 @@ fn parse_tuning(s: &str) -> Result<KvTuning, String> {
         .map(|x| x.trim().parse::<f64>().map_err(|e| format!("{x:?}: {e}")))
         .collect::<Result<_, _>>()?;
     let mut t = KvTuning::of(Profile::DEFAULT_LOSSY).ok_or("no default kv tuning")?;
-    if !(2..=7).contains(&f.len()) {
+    if !(2..=8).contains(&f.len()) {
         return Err(format!(
-            "{s:?}: expected KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS]]]]]"
+            "{s:?}: expected KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS[,ROWS_FROM]]]]]]"
         ));
     }
     (t.key_factor, t.value_factor) = (f[0], f[1]);
@@ -102,6 +103,14 @@ fn parse_tuning(s: &str) -> Result<KvTuning, String> {
             1.0 => true,
             _ => return Err(format!("{s:?}: ROW_STEPS must be 0 or 1")),
         };
+    }
+    if let Some(&r) = f.get(7) {
+        if !(0.0..=65535.0).contains(&r) || r.fract() != 0.0 {
+            return Err(format!(
+                "{s:?}: ROWS_FROM must be a whole number of tokens up to 65535"
+            ));
+        }
+        t.key_rows_min_tokens = r as u32;
     }
     Ok(t)
 }
@@ -149,14 +158,19 @@ impl std::fmt::Display for Variant {
             Variant::Profile(p) => write!(f, "{p}"),
             Variant::Tuned(t) => write!(
                 f,
-                "tuned k{} v{} e{} kp{} vp{} rows{}{}",
+                "tuned k{} v{} e{} kp{} vp{} rows{}{}{}",
                 t.key_factor,
                 t.value_factor,
                 t.early_scale,
                 t.key_power,
                 t.value_power,
                 t.key_group_tokens,
-                if t.key_step_per_row { "" } else { "p" }
+                if t.key_step_per_row { "" } else { "p" },
+                if t.key_rows_min_tokens == kvault_codec::profile::KEY_ROWS_MIN_TOKENS {
+                    String::new()
+                } else {
+                    format!(" from{}", t.key_rows_min_tokens)
+                }
             ),
         }
     }

@@ -78,6 +78,12 @@ use crate::tensor::{Dtype, KvView};
 const FORMAT_V1: u8 = 1;
 /// Payload format 2: adds key groups per (row of tokens, channel) (kind 2).
 const FORMAT_V2: u8 = 2;
+
+/// Shortest chunk the `kv-*` profiles code with key rows. On 256-token SmolLM2 chunks rows
+/// lowered the KL by only 8% (against 47% at 4096 tokens, docs/figures.md) while they
+/// quadrupled a GPU decode's per-group parameters and its host planning (the end-to-end
+/// Llama-3-8B-shape decode fell from 2.1-2.5x to 1.1x the speed of copying fp16).
+pub const KEY_ROWS_MIN_TOKENS: u32 = 512;
 /// Symbols per rANS stream the encoder aims for: streams are the unit of parallel decoding
 /// (eight GPU lanes each), so wide models get blocks of fewer tokens. About 8 K symbols
 /// keep the per-stream overhead (32 bytes of initial states, two varints) near 1% while
@@ -179,6 +185,10 @@ pub struct KvTuning {
     /// per channel over the whole chunk. Chunks no longer than one row are coded without
     /// rows (format 1).
     pub key_group_tokens: u32,
+    /// Chunks of fewer tokens are coded without key rows (format 1) whatever
+    /// `key_group_tokens` says: over a short chunk keys drift little, and rows multiply
+    /// the parameters a GPU decode plans and uploads (a 256-token Llama-3-8B chunk: 4×).
+    pub key_rows_min_tokens: u32,
     /// With key rows: each row's step follows the σ within that row (true) or all rows
     /// share the step of the σ pooled over the chunk's rows (false).
     pub key_step_per_row: bool,
@@ -204,7 +214,7 @@ impl KvTuning {
     ///   the same 2.13 bits per element, rel L2 of K fell from 0.182 to 0.143 and the KL
     ///   from 0.064 to 0.034 (rows of 128 and 256 tokens: 0.037-0.039, of 1024: 0.060); on
     ///   256-token chunks rows cost no bits (their narrower residuals pay for the zero
-    ///   points).
+    ///   points) but gain little, so chunks under [`KEY_ROWS_MIN_TOKENS`] go without.
     pub fn of(profile: Profile) -> Option<KvTuning> {
         let (key_factor, value_factor) = match profile {
             Profile::KvHi => (0.38, 0.66),
@@ -221,6 +231,7 @@ impl KvTuning {
             key_power: 0.0,
             value_power: 1.5,
             key_group_tokens: 64,
+            key_rows_min_tokens: KEY_ROWS_MIN_TOKENS,
             key_step_per_row: true,
         })
     }
@@ -255,6 +266,7 @@ impl KvTuning {
             && share(self.early_keys)
             && share(self.early_values)
             && self.key_group_tokens <= u32::from(u16::MAX)
+            && self.key_rows_min_tokens <= u32::from(u16::MAX)
         {
             Ok(())
         } else {
@@ -281,9 +293,9 @@ pub(super) fn params(tuning: &KvTuning, view: &KvView<'_>) -> Result<Vec<u8>, Co
     let tokens = (shape.tokens as usize).max(1);
     let streams = tokens.div_ceil(target).next_multiple_of(STREAMS_TOGETHER);
     let block = tokens.div_ceil(streams).clamp(BLOCK_TOKENS.0, BLOCK_TOKENS.1);
-    // Format 2 only when rows are on and the chunk has more than one.
+    // Format 2 only when rows are on, the chunk is long enough and has more than one.
     let format = match tuning.key_group_blocks(block) {
-        Some(gb) if tokens > gb * block => FORMAT_V2,
+        Some(gb) if tokens > gb * block && tokens >= tuning.key_rows_min_tokens as usize => FORMAT_V2,
         _ => FORMAT_V1,
     };
     let mut p = vec![format, rans::PROB_BITS as u8, rans::LANES as u8];
@@ -1482,6 +1494,7 @@ mod tests {
     fn with_rows(profile: Profile, rows: u32, per_row: bool) -> KvTuning {
         KvTuning {
             key_group_tokens: rows,
+            key_rows_min_tokens: 0,
             key_step_per_row: per_row,
             ..KvTuning::of(profile).expect("a kv profile")
         }
@@ -1741,6 +1754,7 @@ mod tests {
             key_power: 0.0,
             value_power: 1.5,
             key_group_tokens: 0,
+            key_rows_min_tokens: 0,
             key_step_per_row: true,
         };
         let again = crate::encode_tuned(wide(1, 20, 1, 8, 0x5eed).view(), Profile::KvMid, &then).unwrap();
@@ -1761,6 +1775,16 @@ mod tests {
         assert_eq!(format(&with_rows(Profile::KvMid, 50, false)), FORMAT_V2);
         assert_eq!(format(&with_rows(Profile::KvMid, 100, true)), FORMAT_V1);
         assert_eq!(format(&with_rows(Profile::KvMid, 400, true)), FORMAT_V1);
+        // The profiles' own tuning: no rows under KEY_ROWS_MIN_TOKENS tokens, rows from it.
+        let own = KvTuning::of(Profile::KvMid).unwrap();
+        let fmt_of = |tokens: u32| {
+            let t = wide(1, tokens, 1, 16, 4);
+            let blob = crate::encode_tuned(t.view(), Profile::KvMid, &own).unwrap();
+            crate::Container::parse(&blob).unwrap().header().params[0]
+        };
+        assert_eq!(fmt_of(256), FORMAT_V1);
+        assert_eq!(fmt_of(KEY_ROWS_MIN_TOKENS - 1), FORMAT_V1);
+        assert_eq!(fmt_of(KEY_ROWS_MIN_TOKENS), FORMAT_V2);
         // A format-2 payload under a format-1 header is refused, by the planner too.
         let mut blob =
             crate::encode_tuned(t.view(), Profile::KvMid, &with_rows(Profile::KvMid, 25, true)).unwrap();

@@ -18,7 +18,7 @@ pub(crate) mod kv;
 #[cfg(target_arch = "x86_64")]
 mod kv_avx2;
 
-pub use kv::KvTuning;
+pub use kv::{KEY_ROWS_MIN_TOKENS, KvTuning};
 mod lossless;
 mod payload;
 pub(crate) mod q8;
