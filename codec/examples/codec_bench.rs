@@ -5,7 +5,9 @@
 //!
 //! `cargo run --release -p kvault-codec --example codec_bench -- [tokens] [chunks] [profile]`
 //! (defaults: 256-token chunks, 8 chunks, SmolLM2-135M shape: 30 layers, 3 KV heads,
-//! head dim 64).
+//! head dim 64). With `KVAULT_REAL_KV=F.safetensors` (an f16 tensor `kv` of shape
+//! `[layers, 2, tokens, kv_heads, head_dim]`, as `kvault codec-eval --kv-cache` keeps them)
+//! the chunks are cut from that real cache instead (as many as it holds, at most `chunks`).
 
 use std::time::Instant;
 
@@ -97,17 +99,26 @@ fn main() {
         kv_heads: 3,
         head_dim: 64,
     };
-    let data: Vec<(Vec<f32>, Vec<u8>)> = (0..chunks)
-        .map(|i| {
-            let f = synthetic(shape, i as u64, i == 0);
-            let b = to_f16_bytes(&f);
-            // Error is measured against what the codec was given: the f16 values.
-            (f16_bytes_to_f32(&b), b)
-        })
-        .collect();
+    let real = std::env::var("KVAULT_REAL_KV").ok();
+    let (shape, data): (KvShape, Vec<(Vec<f32>, Vec<u8>)>) = match &real {
+        None => (
+            shape,
+            (0..chunks)
+                .map(|i| {
+                    let f = synthetic(shape, i as u64, i == 0);
+                    let b = to_f16_bytes(&f);
+                    // Error is measured against what the codec was given: the f16 values.
+                    (f16_bytes_to_f32(&b), b)
+                })
+                .collect(),
+        ),
+        Some(path) => real_chunks(path, tokens, chunks),
+    };
     let fp16_bytes: usize = data.iter().map(|(_, b)| b.len()).sum();
     println!(
-        "synthetic structured KV, shape {shape}, {chunks} chunks, {:.1} MB fp16",
+        "{} KV, shape {shape}, {} chunks, {:.1} MB fp16",
+        real.as_deref().unwrap_or("synthetic structured"),
+        data.len(),
         fp16_bytes as f64 / 1e6
     );
     println!(
@@ -184,6 +195,44 @@ fn main() {
             speeds[3],
         );
     }
+}
+
+/// Chunks of `tokens` tokens cut from the real cache in safetensors file `path`.
+fn real_chunks(path: &str, tokens: u32, chunks: usize) -> (KvShape, Vec<(Vec<f32>, Vec<u8>)>) {
+    let bytes = std::fs::read(path).expect("reading the real KV file");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("header length")) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).expect("utf-8 header");
+    // The header is JSON; only the "kv" entry's shape and offsets are needed.
+    let entry = &header[header.find("\"kv\"").expect("a tensor kv")..];
+    let nums = |key: &str| -> Vec<usize> {
+        let at = entry.find(key).expect(key) + key.len();
+        let list = &entry[at..];
+        let list = &list[list.find('[').expect("[") + 1..list.find(']').expect("]")];
+        list.split(',')
+            .map(|x| x.trim().parse().expect("number"))
+            .collect()
+    };
+    let (dims, offs) = (nums("\"shape\""), nums("\"data_offsets\""));
+    let kv = &bytes[8 + n + offs[0]..8 + n + offs[1]];
+    let (l, t, c) = (dims[0], dims[2], dims[3] * dims[4]);
+    let shape = KvShape {
+        layers: l as u32,
+        tokens,
+        kv_heads: dims[3] as u32,
+        head_dim: dims[4] as u32,
+    };
+    let tk = tokens as usize;
+    let data = (0..(t / tk).min(chunks))
+        .map(|i| {
+            let mut b = Vec::with_capacity(l * 2 * tk * c * 2);
+            for slot in 0..l * 2 {
+                let at = (slot * t + i * tk) * c * 2;
+                b.extend_from_slice(&kv[at..at + tk * c * 2]);
+            }
+            (f16_bytes_to_f32(&b), b)
+        })
+        .collect();
+    (shape, data)
 }
 
 /// Fastest of `reps` runs of `f`, in seconds.

@@ -218,56 +218,166 @@ pub(crate) fn encode_with(
     out: &mut Vec<u8>,
     simd: bool,
 ) -> Result<(), CodecError> {
+    encode_group_with(
+        &[symbols],
+        table,
+        std::slice::from_mut(words),
+        std::slice::from_mut(out),
+        simd,
+    )
+}
+
+/// Streams [`encode_group`] codes side by side at most.
+pub const GROUP: usize = 4;
+
+/// Encodes up to [`GROUP`] streams under one table into `outs` (cleared first), with
+/// `words` as scratch (one per stream): exactly what [`encode`] writes for each, but the
+/// AVX2 encoder runs streams of equal length side by side (one stream's steps are one
+/// dependency chain). Fails if any stream has a symbol without frequency.
+pub fn encode_group(
+    streams: &[&[u8]],
+    table: &FreqTable,
+    words: &mut [Vec<u16>],
+    outs: &mut [Vec<u8>],
+) -> Result<(), CodecError> {
+    for o in outs.iter_mut() {
+        o.clear();
+    }
+    encode_group_with(streams, table, words, outs, true)
+}
+
+/// [`encode_group`] (appending to `outs`), with the AVX2 encoder allowed or not.
+#[inline(always)]
+pub(crate) fn encode_group_with(
+    streams: &[&[u8]],
+    table: &FreqTable,
+    words: &mut [Vec<u16>],
+    outs: &mut [Vec<u8>],
+    simd: bool,
+) -> Result<(), CodecError> {
+    let n = streams.len();
+    if n > GROUP || words.len() < n || outs.len() < n {
+        return Err(CodecError::Compression(format!(
+            "{n} streams in one rANS group (at most {GROUP}, with {} word and {} output buffers)",
+            words.len(),
+            outs.len()
+        )));
+    }
+    let enc = &table.enc_padded;
+    let mut st = [[RANS_L; LANES]; GROUP];
+    let mut k = [0usize; GROUP];
+    let mut bad = false;
     // Every renormalisation word is written (at most one per symbol, then the states),
     // and the write position advances only when one is due: no branch per symbol.
-    words.clear();
-    words.resize(symbols.len() + 2 * LANES, 0);
-    let mut k = 0usize;
-    let mut bad = false;
-    let enc = &table.enc_padded;
-    // Hot path (encode): per symbol one table entry, a renormalisation and `x / freq` as
-    // a multiply by the reciprocal plus one correction (a hardware division costs tens of
-    // cycles). Symbols run backwards, lanes alternate: consecutive steps are independent,
-    // and the eight states stay in registers.
-    let mut step = |x: u32, s: u8| -> u32 {
-        let e = enc[usize::from(s) % MAX_SYMBOLS];
-        // Symbols without frequency (or beyond the table) are refused after the loop;
-        // until then the arithmetic wraps harmlessly.
-        bad |= e.freq == 0 || usize::from(s) >= MAX_SYMBOLS;
-        // x_max = ((RANS_L >> PROB_BITS) << 16) * freq; as u64 since freq may be 4096.
-        let need = u64::from(x) >= u64::from(e.freq) << (32 - PROB_BITS);
-        words[k] = x as u16;
-        k += usize::from(need);
-        let y = std::hint::select_unpredictable(need, x >> 16, x);
-        let (q, r) = div_rem(y, e);
-        (q << PROB_BITS).wrapping_add(r).wrapping_add(e.cum)
-    };
-    let mut st = [RANS_L; LANES];
-    let full = symbols.len() / LANES * LANES;
-    for (l, &s) in symbols[full..].iter().enumerate().rev() {
-        st[l] = step(st[l], s);
+    // Symbols run backwards: first each stream's tail beyond whole groups of LANES.
+    for j in 0..n {
+        let (sym, w) = (streams[j], &mut words[j]);
+        w.clear();
+        w.resize(sym.len() + 2 * LANES, 0);
+        let full = sym.len() / LANES * LANES;
+        for (l, &s) in sym[full..].iter().enumerate().rev() {
+            st[j][l] = step(enc, w, &mut k[j], &mut bad, st[j][l], s);
+        }
     }
     #[cfg(target_arch = "x86_64")]
-    if simd && crate::rans_avx2::available() {
-        // SAFETY: the CPU has AVX2 and POPCNT (checked just above); `words` holds
-        // `symbols.len() + 2 * LANES` words and `k` counts at most the tail's symbols.
-        let ok = unsafe { crate::rans_avx2::encode_chunks(&symbols[..full], table, &mut st, words, &mut k) };
-        return finish(st, ok && !bad, k, words, out);
+    if simd
+        && n > 0
+        && crate::rans_avx2::available()
+        && streams
+            .iter()
+            .all(|s| s.len() / LANES == streams[0].len() / LANES)
+    {
+        // SAFETY: the CPU has AVX2 and POPCNT (checked just above); the streams' whole
+        // groups have one length; each `words` holds its stream's length + 2 * LANES
+        // words and `k` counts at most the tail's symbols.
+        let ok = unsafe {
+            match n {
+                1 => vector::<1>(streams, table, &mut st, words, &mut k),
+                2 => vector::<2>(streams, table, &mut st, words, &mut k),
+                3 => vector::<3>(streams, table, &mut st, words, &mut k),
+                _ => vector::<4>(streams, table, &mut st, words, &mut k),
+            }
+        };
+        for j in 0..n {
+            finish(st[j], ok && !bad, k[j], &mut words[j], &mut outs[j])?;
+        }
+        return Ok(());
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = simd;
-    let [mut x0, mut x1, mut x2, mut x3, mut x4, mut x5, mut x6, mut x7] = st;
-    for c in symbols[..full].chunks_exact(LANES).rev() {
-        x7 = step(x7, c[7]);
-        x6 = step(x6, c[6]);
-        x5 = step(x5, c[5]);
-        x4 = step(x4, c[4]);
-        x3 = step(x3, c[3]);
-        x2 = step(x2, c[2]);
-        x1 = step(x1, c[1]);
-        x0 = step(x0, c[0]);
+    for j in 0..n {
+        let (sym, w) = (streams[j], &mut words[j]);
+        let full = sym.len() / LANES * LANES;
+        let [mut x0, mut x1, mut x2, mut x3, mut x4, mut x5, mut x6, mut x7] = st[j];
+        let kj = &mut k[j];
+        // Lanes alternate: consecutive steps are independent, and the states stay in
+        // registers.
+        for c in sym[..full].chunks_exact(LANES).rev() {
+            x7 = step(enc, w, kj, &mut bad, x7, c[7]);
+            x6 = step(enc, w, kj, &mut bad, x6, c[6]);
+            x5 = step(enc, w, kj, &mut bad, x5, c[5]);
+            x4 = step(enc, w, kj, &mut bad, x4, c[4]);
+            x3 = step(enc, w, kj, &mut bad, x3, c[3]);
+            x2 = step(enc, w, kj, &mut bad, x2, c[2]);
+            x1 = step(enc, w, kj, &mut bad, x1, c[1]);
+            x0 = step(enc, w, kj, &mut bad, x0, c[0]);
+        }
+        st[j] = [x0, x1, x2, x3, x4, x5, x6, x7];
     }
-    finish([x0, x1, x2, x3, x4, x5, x6, x7], !bad, k, words, out)
+    for j in 0..n {
+        finish(st[j], !bad, k[j], &mut words[j], &mut outs[j])?;
+    }
+    Ok(())
+}
+
+/// The AVX2 encoder over the whole groups of `N` streams.
+///
+/// # Safety
+/// As [`crate::rans_avx2::encode_chunks`]: AVX2 and POPCNT, streams whose whole groups
+/// have one length, `words[j]` at least `streams[j].len() + LANES` past `k[j]`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn vector<const N: usize>(
+    streams: &[&[u8]],
+    table: &FreqTable,
+    st: &mut [[u32; LANES]; GROUP],
+    words: &mut [Vec<u16>],
+    k: &mut [usize; GROUP],
+) -> bool {
+    let full = streams[0].len() / LANES * LANES;
+    let (mut sts, mut ws, mut ks) = (st.iter_mut(), words.iter_mut(), k.iter_mut());
+    let mut lanes: [crate::rans_avx2::Lane<'_>; N] = std::array::from_fn(|j| {
+        // N <= GROUP <= each array's length (checked by the caller).
+        let (Some(st), Some(w), Some(k)) = (sts.next(), ws.next(), ks.next()) else {
+            unreachable!("N <= GROUP buffers")
+        };
+        crate::rans_avx2::Lane {
+            chunks: &streams[j][..full],
+            st,
+            words: w.as_mut_slice(),
+            k,
+        }
+    });
+    // SAFETY: the caller's contract.
+    unsafe { crate::rans_avx2::encode_chunks::<N>(&mut lanes, table) }
+}
+
+/// One encoder step of state `x` with symbol `s` (hot path: per symbol one table entry, a
+/// renormalisation and `x / freq` as a multiply by the reciprocal plus one correction; a
+/// hardware division costs tens of cycles). Symbols without frequency (or beyond the
+/// table) set `bad` and are refused after the loop; until then the arithmetic wraps
+/// harmlessly.
+#[inline(always)]
+fn step(enc: &[EncSym; MAX_SYMBOLS], words: &mut [u16], k: &mut usize, bad: &mut bool, x: u32, s: u8) -> u32 {
+    let e = enc[usize::from(s) % MAX_SYMBOLS];
+    *bad |= e.freq == 0 || usize::from(s) >= MAX_SYMBOLS;
+    // x_max = ((RANS_L >> PROB_BITS) << 16) * freq; as u64 since freq may be 4096.
+    let need = u64::from(x) >= u64::from(e.freq) << (32 - PROB_BITS);
+    words[*k] = x as u16;
+    *k += usize::from(need);
+    let y = std::hint::select_unpredictable(need, x >> 16, x);
+    let (q, r) = div_rem(y, e);
+    (q << PROB_BITS).wrapping_add(r).wrapping_add(e.cum)
 }
 
 /// Ends a stream: refuses it unless `ok`, then writes the final states and the `k`
@@ -591,6 +701,48 @@ mod tests {
             if let (Ok(a), Ok(b)) = (scalar, vector) {
                 prop_assert_eq!(a, b);
             }
+        }
+
+        /// Streams coded side by side are each the bytes of coding it alone, vector or
+        /// scalar, for equal and unequal lengths; one bad stream fails the group.
+        #[test]
+        fn group_encoding_matches_single_streams(
+            (table, symbols) in table_and_symbols(),
+            n in 1usize..=GROUP,
+            cut in prop::collection::vec(0usize..40, GROUP),
+            equal in any::<bool>(),
+        ) {
+            let streams: Vec<&[u8]> = (0..n)
+                .map(|j| {
+                    let drop = if equal { 0 } else { cut[j].min(symbols.len()) };
+                    &symbols[drop..]
+                })
+                .collect();
+            let alone: Vec<Vec<u8>> = streams
+                .iter()
+                .map(|s| {
+                    let mut b = Vec::new();
+                    encode_with(s, &table, &mut Vec::new(), &mut b, false).map(|()| b)
+                })
+                .collect::<Result<_, _>>()?;
+            for simd in [false, true] {
+                let (mut words, mut outs) = (vec![Vec::new(); n], vec![vec![7u8]; n]);
+                encode_group_with(&streams, &table, &mut words, &mut outs, simd)?;
+                for (o, a) in outs.iter().zip(&alone) {
+                    prop_assert_eq!(o[0], 7, "appends");
+                    prop_assert_eq!(&o[1..], &a[..]);
+                }
+            }
+            if !streams[0].is_empty() && table.len() < MAX_SYMBOLS {
+                let mut broken = streams[0].to_vec();
+                broken[0] = (MAX_SYMBOLS - 1) as u8;
+                let mut with_bad: Vec<&[u8]> = streams.clone();
+                with_bad[0] = &broken;
+                let (mut words, mut outs) = (vec![Vec::new(); n], vec![Vec::new(); n]);
+                prop_assert!(encode_group(&with_bad, &table, &mut words, &mut outs).is_err());
+            }
+            let (mut words, mut outs) = (vec![Vec::new(); GROUP + 1], vec![Vec::new(); GROUP + 1]);
+            prop_assert!(encode_group(&vec![&symbols[..]; GROUP + 1], &table, &mut words, &mut outs).is_err());
         }
 
         #[test]

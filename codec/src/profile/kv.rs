@@ -541,20 +541,10 @@ fn encode_groups(
     // arrays so the per-channel loops vectorise.
     let groups = if per_token { t } else { c };
     let (mut sum, mut sum_sq, mut max_abs) = (vec![0f64; groups], vec![0f64; groups], vec![0f64; groups]);
-    for (ti, row) in part.chunks_exact(c).enumerate() {
-        if per_token {
-            let (mut s, mut q, mut m) = (0f64, 0f64, 0f64);
-            for &x in row {
-                let x = f64::from(x);
-                s += x;
-                q += x * x;
-                let a = x.abs();
-                m = if a > m { a } else { m };
-            }
-            (sum[ti], sum_sq[ti], max_abs[ti]) = (s, q, m);
-        } else {
-            accumulate(row, &mut sum, &mut sum_sq, &mut max_abs);
-        }
+    if per_token {
+        token_stats(part, c, &mut sum, &mut sum_sq, &mut max_abs);
+    } else {
+        channel_stats(part, c, t, &mut sum, &mut sum_sq, &mut max_abs);
     }
     // A NaN or infinity makes its group's sum of squares non-finite (finite f32s cannot
     // overflow an f64 sum), so the statistics double as the finiteness check.
@@ -584,47 +574,122 @@ fn encode_groups(
     let zero: Vec<i32> = chosen.iter().map(|&(_, m)| m).collect();
     let res = &mut scratch.ints;
     res.clear();
-    res.resize(part.len(), 0);
+    res.reserve(part.len());
     // Hot path (encode): a multiply, a magic-number round and a subtract per element.
     // `|x| * inv <= 2^29` and `|m| <= 2^29` (see `choose`), so the rounding trick is exact
     // and the subtraction cannot wrap; multiplying
     // by the f64 reciprocal rounds like the division except within 2^-50 of a tie.
-    for (ti, (row, out_row)) in part.chunks_exact(c).zip(res.chunks_exact_mut(c)).enumerate() {
+    for (ti, row) in part.chunks_exact(c).enumerate() {
         if per_token {
             let (inv, m) = (inv[ti], zero[ti]);
-            for (r, &x) in out_row.iter_mut().zip(row) {
-                *r = round_i32(f64::from(x) * inv).wrapping_sub(m);
-            }
+            res.extend(row.iter().map(|&x| round_i32(f64::from(x) * inv).wrapping_sub(m)));
         } else {
-            quantize_row(row, &inv, &zero, out_row);
+            quantize_row(row, &inv, &zero, res);
         }
     }
     encode_symbols(res, c, block, &mut scratch.syms, &mut scratch.words, out)
 }
 
-/// Adds a token's row to per-channel sums, sums of squares and max |x|.
+/// Per token of `part` (rows of `c` channels): the sum, sum of squares and max |x| of its
+/// row, in f64, each a sequential sum over the channels. Four tokens at a time: their
+/// twelve sums are independent chains, where one token's three would make every add wait
+/// for the previous one.
 #[inline(always)]
-fn accumulate(row: &[f32], sum: &mut [f64], sum_sq: &mut [f64], max_abs: &mut [f64]) {
-    for (((s, q), m), &x) in sum
-        .iter_mut()
-        .zip(sum_sq.iter_mut())
-        .zip(max_abs.iter_mut())
-        .zip(row)
-    {
-        let x = f64::from(x);
-        *s += x;
-        *q += x * x;
-        let a = x.abs();
-        *m = if a > *m { a } else { *m };
+fn token_stats(part: &[f32], c: usize, sum: &mut [f64], sum_sq: &mut [f64], max_abs: &mut [f64]) {
+    let stats = |row: &[f32]| {
+        let (mut s, mut q, mut m) = (0f64, 0f64, 0f64);
+        for &x in row {
+            let x = f64::from(x);
+            s += x;
+            q += x * x;
+            let a = x.abs();
+            m = if a > m { a } else { m };
+        }
+        (s, q, m)
+    };
+    if c == 0 {
+        return;
+    }
+    let mut quads = part.chunks_exact(4 * c);
+    let mut ti = 0;
+    for quad in &mut quads {
+        let (r0, rest) = quad.split_at(c);
+        let (r1, rest) = rest.split_at(c);
+        let (r2, r3) = rest.split_at(c);
+        let (mut s, mut q, mut m) = ([0f64; 4], [0f64; 4], [0f64; 4]);
+        for j in 0..c {
+            for (l, r) in [r0, r1, r2, r3].iter().enumerate() {
+                let x = f64::from(r[j]);
+                s[l] += x;
+                q[l] += x * x;
+                let a = x.abs();
+                m[l] = if a > m[l] { a } else { m[l] };
+            }
+        }
+        sum[ti..ti + 4].copy_from_slice(&s);
+        sum_sq[ti..ti + 4].copy_from_slice(&q);
+        max_abs[ti..ti + 4].copy_from_slice(&m);
+        ti += 4;
+    }
+    for row in quads.remainder().chunks_exact(c) {
+        (sum[ti], sum_sq[ti], max_abs[ti]) = stats(row);
+        ti += 1;
     }
 }
 
-/// Residuals of one token's row against per-channel reciprocal steps and zero points.
+/// Per channel of `part` (`t` rows of `c` channels): the sum, sum of squares and max |x|
+/// over the tokens, in f64, each a sequential sum in token order, added into `sum`,
+/// `sum_sq` and `max_abs` (`c` entries each). Sixteen channels at a time, down the rows,
+/// so that their 48 sums stay in registers instead of going through memory per token.
 #[inline(always)]
-fn quantize_row(row: &[f32], inv: &[f64], zero: &[i32], out: &mut [i32]) {
-    for (((r, &x), &inv), &m) in out.iter_mut().zip(row).zip(inv).zip(zero) {
-        *r = round_i32(f64::from(x) * inv).wrapping_sub(m);
+fn channel_stats(part: &[f32], c: usize, t: usize, sum: &mut [f64], sum_sq: &mut [f64], max_abs: &mut [f64]) {
+    const W: usize = 16;
+    let mut c0 = 0;
+    while c0 < c {
+        let w = W.min(c - c0);
+        let (mut s, mut q, mut m) = ([0f64; W], [0f64; W], [0f64; W]);
+        s[..w].copy_from_slice(&sum[c0..c0 + w]);
+        q[..w].copy_from_slice(&sum_sq[c0..c0 + w]);
+        m[..w].copy_from_slice(&max_abs[c0..c0 + w]);
+        if w == W {
+            for ti in 0..t {
+                let row: &[f32; W] = part[ti * c + c0..ti * c + c0 + W].try_into().unwrap_or(&[0.0; W]);
+                for l in 0..W {
+                    let x = f64::from(row[l]);
+                    s[l] += x;
+                    q[l] += x * x;
+                    let a = x.abs();
+                    m[l] = if a > m[l] { a } else { m[l] };
+                }
+            }
+        } else {
+            for ti in 0..t {
+                for l in 0..w {
+                    let x = f64::from(part[ti * c + c0 + l]);
+                    s[l] += x;
+                    q[l] += x * x;
+                    let a = x.abs();
+                    m[l] = if a > m[l] { a } else { m[l] };
+                }
+            }
+        }
+        sum[c0..c0 + w].copy_from_slice(&s[..w]);
+        sum_sq[c0..c0 + w].copy_from_slice(&q[..w]);
+        max_abs[c0..c0 + w].copy_from_slice(&m[..w]);
+        c0 += w;
     }
+}
+
+/// Appends the residuals of one token's row against per-channel reciprocal steps and
+/// zero points to `out`.
+#[inline(always)]
+fn quantize_row(row: &[f32], inv: &[f64], zero: &[i32], out: &mut Vec<i32>) {
+    out.extend(
+        row.iter()
+            .zip(inv)
+            .zip(zero)
+            .map(|((&x, &inv), &m)| round_i32(f64::from(x) * inv).wrapping_sub(m)),
+    );
 }
 
 /// Encodes a key part with groups per (row of `group_blocks` streams, channel) (kind 2).
@@ -645,10 +710,12 @@ fn encode_key_rows(
     let rows = t.div_ceil(g);
     let n = rows * c;
     let (mut sum, mut sum_sq, mut max_abs) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
-    for (ti, row) in part.chunks_exact(c).enumerate() {
-        let at = ti / g * c;
-        accumulate(
-            row,
+    for (r, rows_part) in part.chunks(g * c.max(1)).enumerate() {
+        let at = r * c;
+        channel_stats(
+            rows_part,
+            c,
+            rows_part.len() / c.max(1),
             &mut sum[at..at + c],
             &mut sum_sq[at..at + c],
             &mut max_abs[at..at + c],
@@ -699,14 +766,14 @@ fn encode_key_rows(
     let inv: Vec<f64> = e_rows.iter().map(|&e| 1.0 / f64::from(step(e))).collect();
     let res = &mut scratch.ints;
     res.clear();
-    res.resize(part.len(), 0);
+    res.reserve(part.len());
     let mut invs = vec![0f64; c];
-    for (ti, (row, out_row)) in part.chunks_exact(c).zip(res.chunks_exact_mut(c)).enumerate() {
+    for (ti, row) in part.chunks_exact(c).enumerate() {
         let r = ti / g;
         if ti % g == 0 {
             invs.fill(inv[r]);
         }
-        quantize_row(row, &invs, &zero[r * c..(r + 1) * c], out_row);
+        quantize_row(row, &invs, &zero[r * c..(r + 1) * c], res);
     }
     encode_symbols(res, c, block, &mut scratch.syms, &mut scratch.words, out)
 }
@@ -758,18 +825,10 @@ fn alphabet(hist: &[u64; 65]) -> Result<(usize, FreqTable), CodecError> {
     Ok((m, FreqTable::from_counts(&counts)?))
 }
 
-/// Codes `vals` with alphabet `[-m, m]` plus escape under `table`: the rANS stream into
-/// `stream`, the escaped values (zigzag varints) into `esc`.
+/// Maps `vals` to the symbols of alphabet `[-m, m]` plus escape in `syms` (cleared first),
+/// and the escaped values (zigzag varints) to `esc` (cleared first).
 #[inline(always)]
-fn code_values(
-    vals: &[i32],
-    m: usize,
-    table: &FreqTable,
-    syms: &mut Vec<u8>,
-    words: &mut Vec<u16>,
-    stream: &mut Vec<u8>,
-    esc: &mut Vec<u8>,
-) -> Result<(), CodecError> {
+fn map_values(vals: &[i32], m: usize, syms: &mut Vec<u8>, esc: &mut Vec<u8>) {
     let m_i = m as i32;
     let esc_sym = (2 * m + 1) as u8;
     syms.clear();
@@ -786,11 +845,10 @@ fn code_values(
             put_svarint(esc, r);
         }
     }
-    stream.clear();
-    rans::encode(syms, table, words, stream)
 }
 
-/// Appends a part's residuals: `M`, the frequency table, then `block` tokens per stream.
+/// Appends a part's residuals: `M`, the frequency table, then `block` tokens per stream
+/// (streams coded [`rans::GROUP`] at a time).
 #[inline(always)]
 fn encode_symbols(
     res: &[i32],
@@ -803,15 +861,35 @@ fn encode_symbols(
     let (m, table) = alphabet(&histogram(res))?;
     out.push(m as u8);
     table.write(out);
-    let (mut stream, mut esc) = (Vec::new(), Vec::new());
-    for blk in res.chunks((block * c).max(1)) {
-        code_values(blk, m, &table, syms, words, &mut stream, &mut esc)?;
-        put_varint(out, stream.len() as u32);
-        put_varint(out, esc.len() as u32);
-        out.extend_from_slice(&stream);
-        out.extend_from_slice(&esc);
-    }
-    Ok(())
+    const G: usize = rans::GROUP;
+    let mut symb: [Vec<u8>; G] = std::array::from_fn(|_| Vec::new());
+    let mut esc: [Vec<u8>; G] = std::array::from_fn(|_| Vec::new());
+    let mut stream: [Vec<u8>; G] = std::array::from_fn(|_| Vec::new());
+    let mut wds: [Vec<u16>; G] = std::array::from_fn(|_| Vec::new());
+    // The caller's buffers serve as the first stream's, so they keep their capacity.
+    std::mem::swap(&mut symb[0], syms);
+    std::mem::swap(&mut wds[0], words);
+    let per = (block * c).max(1);
+    let result = (|| {
+        for group in res.chunks(per * G) {
+            let n = group.len().div_ceil(per);
+            for (j, blk) in group.chunks(per).enumerate() {
+                map_values(blk, m, &mut symb[j], &mut esc[j]);
+            }
+            let refs: [&[u8]; G] = std::array::from_fn(|j| symb[j].as_slice());
+            rans::encode_group(&refs[..n], &table, &mut wds, &mut stream)?;
+            for j in 0..n {
+                put_varint(out, stream[j].len() as u32);
+                put_varint(out, esc[j].len() as u32);
+                out.extend_from_slice(&stream[j]);
+                out.extend_from_slice(&esc[j]);
+            }
+        }
+        Ok(())
+    })();
+    std::mem::swap(&mut symb[0], syms);
+    std::mem::swap(&mut wds[0], words);
+    result
 }
 
 /// Appends `vals` as a coded integer sequence (see the module docs).
@@ -825,7 +903,8 @@ fn put_ints(
     out.push(d as u8);
     table.write(out);
     let (mut stream, mut esc) = (Vec::new(), Vec::new());
-    code_values(vals, d, &table, syms, words, &mut stream, &mut esc)?;
+    map_values(vals, d, syms, &mut esc);
+    rans::encode(syms, &table, words, &mut stream)?;
     put_varint(out, stream.len() as u32);
     put_varint(out, esc.len() as u32);
     out.extend_from_slice(&stream);
