@@ -245,9 +245,6 @@ fn run<const SIMD: bool>(kv: HeadKv<'_>, q: &[f32], scale: f32, t0: usize, t1: u
     let mut s = [[0f32; BLOCK]; TILE];
     let (b0, b1) = (t0 / BLOCK, t1.div_ceil(BLOCK));
     for b in b0..b1 {
-        if b + 1 < b1 {
-            prefetch_block(&kv, b + 1);
-        }
         let base = b * BLOCK;
         if base / KEY_GROUP != group {
             group = base / KEY_GROUP;
@@ -266,46 +263,6 @@ fn run<const SIMD: bool>(kv: HeadKv<'_>, q: &[f32], scale: f32, t0: usize, t1: u
             h0 += nh;
         }
     }
-}
-
-/// Asks the caches for every line of block `b` of `kv`, a block ahead of
-/// its use: a block's keys and values are a few separate streams whose
-/// 4 KiB pages the hardware prefetchers learn anew each time (measured:
-/// f16 from memory 15–25 % faster on Zen 3; two or four blocks ahead do no better).
-#[inline(always)]
-fn prefetch_block(kv: &HeadKv<'_>, b: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let lines = |ptr: *const u8, bytes: usize| {
-            for off in (0..bytes).step_by(64) {
-                // SAFETY: a prefetch has no architectural effect whatever the
-                // address (wrapping_add keeps the pointer arithmetic defined).
-                unsafe { _mm_prefetch(ptr.wrapping_add(off) as *const i8, _MM_HINT_T0) };
-            }
-        };
-        let blk = kv.geo.dp * BLOCK;
-        let tok = b * BLOCK;
-        match kv.keys {
-            Keys::F16(k) => lines(k.as_ptr().wrapping_add(b * blk) as *const u8, blk * 2),
-            Keys::I8 { k, .. } => lines(k.as_ptr().wrapping_add(b * blk) as *const u8, blk),
-            Keys::U4 { k, .. } => lines(k.as_ptr().wrapping_add(b * blk / 2), blk / 2),
-        }
-        match kv.values {
-            Values::F16(v) => lines(v.as_ptr().wrapping_add(b * blk) as *const u8, blk * 2),
-            Values::I8 { v, scale } => {
-                lines(v.as_ptr().wrapping_add(b * blk) as *const u8, blk);
-                lines(scale.as_ptr().wrapping_add(tok) as *const u8, BLOCK * 4);
-            }
-            Values::U4 { v, scale, offset } => {
-                lines(v.as_ptr().wrapping_add(b * blk / 2), blk / 2);
-                lines(scale.as_ptr().wrapping_add(tok) as *const u8, BLOCK * 4);
-                lines(offset.as_ptr().wrapping_add(tok) as *const u8, BLOCK * 4);
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (kv, b);
 }
 
 /// One block for heads `h0..h0 + NH`: scores, softmax, values.

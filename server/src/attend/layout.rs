@@ -17,6 +17,10 @@
 //! - values int8, symmetric per token: `v ≈ scale·κ`, `κ ∈ −127..=127`;
 //! - values 4-bit, asymmetric per token: `v ≈ offset + scale·(κ − 8)`, `κ ∈ 0..=15`.
 
+use std::alloc::Layout;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
@@ -95,21 +99,99 @@ impl Format {
     }
 }
 
+/// Transparent huge page size on x86-64 Linux.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// The codes of a plane: a fixed-length buffer that, from 2 MiB up, is
+/// 2 MiB-aligned and advised for transparent huge pages before it is first
+/// written. A worker streams a session's planes front to back; with 4 KiB
+/// pages every 4 KiB of a stream is a new TLB entry (a two-level walk in a
+/// VM), with 2 MiB pages one entry covers 128 f16 blocks.
+pub struct Buf<T: Copy> {
+    ptr: NonNull<T>,
+    len: usize,
+    layout: Layout,
+}
+
+// SAFETY: Buf owns its elements like a Box<[T]>.
+unsafe impl<T: Copy + Send> Send for Buf<T> {}
+// SAFETY: as above; shared access is read-only.
+unsafe impl<T: Copy + Sync> Sync for Buf<T> {}
+
+impl<T: Copy> Buf<T> {
+    /// `len` copies of `fill`.
+    pub fn filled(len: usize, fill: T) -> Buf<T> {
+        let bytes = len
+            .checked_mul(size_of::<T>())
+            .expect("plane buffer size overflows");
+        let align = if bytes >= HUGE_PAGE { HUGE_PAGE } else { 64 };
+        let layout = Layout::from_size_align(bytes.max(1), align).expect("plane buffer size overflows");
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) } as *mut T;
+        let Some(ptr) = NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        if align == HUGE_PAGE {
+            advise_huge_pages(raw as *mut u8, bytes);
+        }
+        for i in 0..len {
+            // SAFETY: i < len and the allocation holds len elements.
+            unsafe { raw.add(i).write(fill) };
+        }
+        Buf { ptr, len, layout }
+    }
+}
+
+impl<T: Copy> Deref for Buf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: ptr holds len initialised elements (written in `filled`).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Copy> DerefMut for Buf<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as above, and &mut self is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Copy> Drop for Buf<T> {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `filled` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr() as *mut u8, self.layout) };
+    }
+}
+
+/// Asks Linux to back `bytes` at `ptr` (not yet touched) with transparent
+/// huge pages; a no-op where it cannot (other systems, THP off).
+pub fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: madvise only changes how the kernel backs a range the caller
+    // owns; MADV_HUGEPAGE never changes its contents. Failure is harmless.
+    unsafe {
+        libc::madvise(ptr as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, bytes);
+}
+
 /// Keys of one plane, as laid out for the kernel (see [`Keys`]).
 pub enum KeyStore {
     /// f16, `[blocks][dp][BLOCK]`.
-    F16(Vec<f16>),
+    F16(Buf<f16>),
     /// int8 codes and per-(group, channel) scales.
     I8 {
         /// Codes.
-        k: Vec<i8>,
+        k: Buf<i8>,
         /// Scales, `[groups][dp]`.
         scale: Vec<f32>,
     },
     /// 4-bit codes and per-(group, channel) scales and offsets.
     U4 {
         /// Packed codes.
-        k: Vec<u8>,
+        k: Buf<u8>,
         /// Scales, `[groups][dp]`.
         scale: Vec<f32>,
         /// Offsets (the value of code 8), `[groups][dp]`.
@@ -120,18 +202,18 @@ pub enum KeyStore {
 /// Values of one plane, as laid out for the kernel (see [`Values`]).
 pub enum ValueStore {
     /// f16, `[blocks·BLOCK][dp]`.
-    F16(Vec<f16>),
+    F16(Buf<f16>),
     /// int8 codes and per-token scales.
     I8 {
         /// Codes.
-        v: Vec<i8>,
+        v: Buf<i8>,
         /// Scales, `[blocks·BLOCK]`.
         scale: Vec<f32>,
     },
     /// 4-bit codes and per-token scales and offsets.
     U4 {
         /// Packed codes.
-        v: Vec<u8>,
+        v: Buf<u8>,
         /// Scales, `[blocks·BLOCK]`.
         scale: Vec<f32>,
         /// Offsets (the value of code 8), `[blocks·BLOCK]`.
@@ -364,9 +446,9 @@ fn for_rows(rows: &[f16], d: usize, mut f: impl FnMut(usize, &[f32])) {
     }
 }
 
-fn keys_f16(rows: &[f16], geo: &Geometry) -> Vec<f16> {
+fn keys_f16(rows: &[f16], geo: &Geometry) -> Buf<f16> {
     let (d, dp) = (geo.d, geo.dp);
-    let mut out = vec![f16::ZERO; geo.padded_tokens() * dp];
+    let mut out = Buf::filled(geo.padded_tokens() * dp, f16::ZERO);
     for (t, r) in rows.chunks_exact(d).enumerate() {
         let (b, i) = (t / BLOCK, t % BLOCK);
         for (c, x) in r.iter().enumerate() {
@@ -408,7 +490,7 @@ fn keys_i8(rows: &[f16], geo: &Geometry) -> KeyStore {
             if m > 0.0 { m / 127.0 } else { 1.0 }
         })
         .collect();
-    let mut k = vec![0i8; geo.padded_tokens() * dp];
+    let mut k = Buf::filled(geo.padded_tokens() * dp, 0i8);
     for_rows(rows, d, |t, r| {
         let (b, i, g) = (t / BLOCK, t % BLOCK, t / KEY_GROUP * dp);
         for (c, x) in r.iter().enumerate() {
@@ -460,7 +542,7 @@ fn keys_u4(rows: &[f16], geo: &Geometry) -> KeyStore {
     let (lo, hi) = key_ranges(rows, geo);
     let (scale, offset): (Vec<f32>, Vec<f32>) = lo.iter().zip(&hi).map(|(a, b)| u4_params(*a, *b)).unzip();
     // Code 8 everywhere: padded channels and tokens decode to the offset (0).
-    let mut k = vec![0x88u8; geo.padded_tokens() * dp / 2];
+    let mut k = Buf::filled(geo.padded_tokens() * dp / 2, 0x88u8);
     for_rows(rows, d, |t, r| {
         let (b, i, g) = (t / BLOCK, t % BLOCK, t / KEY_GROUP * dp);
         for (c, x) in r.iter().enumerate() {
@@ -471,9 +553,9 @@ fn keys_u4(rows: &[f16], geo: &Geometry) -> KeyStore {
     KeyStore::U4 { k, scale, offset }
 }
 
-fn values_f16(rows: &[f16], geo: &Geometry) -> Vec<f16> {
+fn values_f16(rows: &[f16], geo: &Geometry) -> Buf<f16> {
     let (d, dp) = (geo.d, geo.dp);
-    let mut out = vec![f16::ZERO; geo.padded_tokens() * dp];
+    let mut out = Buf::filled(geo.padded_tokens() * dp, f16::ZERO);
     for (t, r) in rows.chunks_exact(d).enumerate() {
         let (b, i) = (t / BLOCK, t % BLOCK);
         for (c, x) in r.iter().enumerate() {
@@ -485,7 +567,7 @@ fn values_f16(rows: &[f16], geo: &Geometry) -> Vec<f16> {
 
 fn values_i8(rows: &[f16], geo: &Geometry) -> ValueStore {
     let (d, dp) = (geo.d, geo.dp);
-    let mut v = vec![0i8; geo.padded_tokens() * dp];
+    let mut v = Buf::filled(geo.padded_tokens() * dp, 0i8);
     let mut scale = vec![0f32; geo.padded_tokens()];
     for_rows(rows, d, |t, r| {
         let m = r.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -502,7 +584,7 @@ fn values_i8(rows: &[f16], geo: &Geometry) -> ValueStore {
 
 fn values_u4(rows: &[f16], geo: &Geometry) -> ValueStore {
     let (d, dp) = (geo.d, geo.dp);
-    let mut v = vec![0x88u8; geo.padded_tokens() * dp / 2];
+    let mut v = Buf::filled(geo.padded_tokens() * dp / 2, 0x88u8);
     let mut scale = vec![0f32; geo.padded_tokens()];
     let mut offset = vec![0f32; geo.padded_tokens()];
     for_rows(rows, d, |t, r| {
@@ -523,6 +605,19 @@ fn values_u4(rows: &[f16], geo: &Geometry) -> ValueStore {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    /// Buffers of a huge page and more start on a huge page boundary (so
+    /// that the advice covers them) and hold their fill; small ones too.
+    #[test]
+    fn buffers_are_aligned_and_filled() {
+        let big = Buf::filled(HUGE_PAGE + 3, 0x88u8);
+        assert_eq!(big.as_ptr() as usize % HUGE_PAGE, 0);
+        assert_eq!(big.len(), HUGE_PAGE + 3);
+        assert!(big.iter().all(|x| *x == 0x88));
+        let small = Buf::filled(5, f16::from_f32(1.5));
+        assert_eq!(&small[..], &[f16::from_f32(1.5); 5]);
+        assert!(Buf::filled(0, 0i8).is_empty());
+    }
 
     /// Every element read back through the layout within half its
     /// quantisation step (exactly for f16); padded keys are zero.
