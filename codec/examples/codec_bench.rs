@@ -100,7 +100,7 @@ fn main() {
         head_dim: 64,
     };
     let real = std::env::var("KVAULT_REAL_KV").ok();
-    let (shape, data): (KvShape, Vec<(Vec<f32>, Vec<u8>)>) = match &real {
+    let (shape, data): (KvShape, Vec<Chunk>) = match &real {
         None => (
             shape,
             (0..chunks)
@@ -197,8 +197,11 @@ fn main() {
     }
 }
 
+/// A chunk as f32 values (what errors are measured against) and as the f16 bytes coded.
+type Chunk = (Vec<f32>, Vec<u8>);
+
 /// Chunks of `tokens` tokens cut from the real cache in safetensors file `path`.
-fn real_chunks(path: &str, tokens: u32, chunks: usize) -> (KvShape, Vec<(Vec<f32>, Vec<u8>)>) {
+fn real_chunks(path: &str, tokens: u32, chunks: usize) -> (KvShape, Vec<Chunk>) {
     let bytes = std::fs::read(path).expect("reading the real KV file");
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("header length")) as usize;
     let header = std::str::from_utf8(&bytes[8..8 + n]).expect("utf-8 header");

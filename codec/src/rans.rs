@@ -742,7 +742,7 @@ mod tests {
                 prop_assert!(encode_group(&with_bad, &table, &mut words, &mut outs).is_err());
             }
             let (mut words, mut outs) = (vec![Vec::new(); GROUP + 1], vec![Vec::new(); GROUP + 1]);
-            prop_assert!(encode_group(&vec![&symbols[..]; GROUP + 1], &table, &mut words, &mut outs).is_err());
+            prop_assert!(encode_group(&[&symbols[..]; GROUP + 1], &table, &mut words, &mut outs).is_err());
         }
 
         #[test]
