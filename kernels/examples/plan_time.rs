@@ -6,25 +6,13 @@
 
 use std::time::Instant;
 
+use kvault_codec::KvShape;
 use kvault_codec::plan::DecodePlan;
-use kvault_codec::{Dtype, KvShape, KvTensor};
 use kvault_kernels::GPU_PROFILES;
-use kvault_kernels::synthetic::kv_like;
+use kvault_kernels::synthetic::{kv_like, split};
 use rayon::prelude::*;
 
 const CHUNK: u32 = 256;
-
-fn chunk(t: &KvTensor, start: u32, n: u32) -> KvTensor {
-    let s = t.shape();
-    let row = (s.kv_heads * s.head_dim) as usize * 2;
-    let sub = KvShape { tokens: n, ..s };
-    let mut data = Vec::with_capacity(sub.elements() as usize * 2);
-    for slot in 0..(2 * s.layers) as usize {
-        let base = (slot * s.tokens as usize + start as usize) * row;
-        data.extend_from_slice(&t.data()[base..base + n as usize * row]);
-    }
-    KvTensor::new(sub, Dtype::F16, data).expect("sub-shape of a valid shape")
-}
 
 /// Best of twenty, seconds.
 fn best(mut f: impl FnMut()) -> f64 {
@@ -45,10 +33,7 @@ fn main() {
         head_dim: 128,
     };
     let t = kv_like(shape, 42);
-    let chunks: Vec<KvTensor> = (0..shape.tokens)
-        .step_by(CHUNK as usize)
-        .map(|s| chunk(&t, s, CHUNK))
-        .collect();
+    let chunks = split(&t, CHUNK);
     println!(
         "| profile | plan ms, 1 thread | plan ms, {} threads | merged plan MB |",
         rayon::current_num_threads()

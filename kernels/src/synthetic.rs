@@ -42,3 +42,24 @@ pub fn kv_like(shape: KvShape, seed: u64) -> KvTensor {
     // The shape is valid by construction of the callers; an invalid one is their bug.
     KvTensor::new(shape, Dtype::F16, data).unwrap_or_else(|e| panic!("synthetic shape {shape:?}: {e}"))
 }
+
+/// `t` (f16, canonical layout) cut along its tokens into chunks of `tokens` (the last one
+/// shorter), as a store would hold a long prefix.
+pub fn split(t: &KvTensor, tokens: u32) -> Vec<KvTensor> {
+    let s = t.shape();
+    let row = (s.kv_heads * s.head_dim) as usize * t.dtype().size();
+    (0..s.tokens)
+        .step_by(tokens.max(1) as usize)
+        .map(|start| {
+            let n = tokens.min(s.tokens - start);
+            let sub = KvShape { tokens: n, ..s };
+            let mut data = Vec::with_capacity(sub.elements() as usize * t.dtype().size());
+            for slot in 0..(2 * s.layers) as usize {
+                let base = (slot * s.tokens as usize + start as usize) * row;
+                data.extend_from_slice(&t.data()[base..base + n as usize * row]);
+            }
+            // A token range of a valid tensor is a valid tensor.
+            KvTensor::new(sub, t.dtype(), data).unwrap_or_else(|e| panic!("sub-shape {sub:?}: {e}"))
+        })
+        .collect()
+}

@@ -590,6 +590,16 @@ fn encode_groups(
     encode_symbols(res, c, block, &mut scratch.syms, &mut scratch.words, out)
 }
 
+/// Adds `x` to a group's sum, sum of squares and max |x| (in f64).
+#[inline(always)]
+fn add_stat(s: &mut f64, q: &mut f64, m: &mut f64, x: f32) {
+    let x = f64::from(x);
+    *s += x;
+    *q += x * x;
+    let a = x.abs();
+    *m = if a > *m { a } else { *m };
+}
+
 /// Per token of `part` (rows of `c` channels): the sum, sum of squares and max |x| of its
 /// row, in f64, each a sequential sum over the channels. Four tokens at a time: their
 /// twelve sums are independent chains, where one token's three would make every add wait
@@ -599,11 +609,7 @@ fn token_stats(part: &[f32], c: usize, sum: &mut [f64], sum_sq: &mut [f64], max_
     let stats = |row: &[f32]| {
         let (mut s, mut q, mut m) = (0f64, 0f64, 0f64);
         for &x in row {
-            let x = f64::from(x);
-            s += x;
-            q += x * x;
-            let a = x.abs();
-            m = if a > m { a } else { m };
+            add_stat(&mut s, &mut q, &mut m, x);
         }
         (s, q, m)
     };
@@ -619,11 +625,7 @@ fn token_stats(part: &[f32], c: usize, sum: &mut [f64], sum_sq: &mut [f64], max_
         let (mut s, mut q, mut m) = ([0f64; 4], [0f64; 4], [0f64; 4]);
         for j in 0..c {
             for (l, r) in [r0, r1, r2, r3].iter().enumerate() {
-                let x = f64::from(r[j]);
-                s[l] += x;
-                q[l] += x * x;
-                let a = x.abs();
-                m[l] = if a > m[l] { a } else { m[l] };
+                add_stat(&mut s[l], &mut q[l], &mut m[l], r[j]);
             }
         }
         sum[ti..ti + 4].copy_from_slice(&s);
@@ -653,23 +655,18 @@ fn channel_stats(part: &[f32], c: usize, t: usize, sum: &mut [f64], sum_sq: &mut
         m[..w].copy_from_slice(&max_abs[c0..c0 + w]);
         if w == W {
             for ti in 0..t {
-                let row: &[f32; W] = part[ti * c + c0..ti * c + c0 + W].try_into().unwrap_or(&[0.0; W]);
+                // A fixed-size row lets the sums run in registers, unrolled.
+                let Ok(row) = <&[f32; W]>::try_from(&part[ti * c + c0..ti * c + c0 + W]) else {
+                    unreachable!("a range of W elements")
+                };
                 for l in 0..W {
-                    let x = f64::from(row[l]);
-                    s[l] += x;
-                    q[l] += x * x;
-                    let a = x.abs();
-                    m[l] = if a > m[l] { a } else { m[l] };
+                    add_stat(&mut s[l], &mut q[l], &mut m[l], row[l]);
                 }
             }
         } else {
             for ti in 0..t {
                 for l in 0..w {
-                    let x = f64::from(part[ti * c + c0 + l]);
-                    s[l] += x;
-                    q[l] += x * x;
-                    let a = x.abs();
-                    m[l] = if a > m[l] { a } else { m[l] };
+                    add_stat(&mut s[l], &mut q[l], &mut m[l], part[ti * c + c0 + l]);
                 }
             }
         }

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use kvault_codec::plan::DecodePlan;
 use kvault_codec::{Dtype, KvShape, KvTensor};
 use kvault_kernels::cudarc::driver::{CudaSlice, sys};
-use kvault_kernels::synthetic::kv_like;
+use kvault_kernels::synthetic::{kv_like, split};
 use kvault_kernels::{GPU_PROFILES, GpuDecoder, OutDtype, Target};
 use rayon::prelude::*;
 
@@ -46,25 +46,6 @@ fn args() -> Result<Args> {
         }
     }
     Ok(a)
-}
-
-/// Splits a canonical tensor into chunks of `CHUNK` tokens.
-fn split(t: &KvTensor) -> Vec<KvTensor> {
-    let s = t.shape();
-    let row = (s.kv_heads * s.head_dim) as usize * 2;
-    (0..s.tokens)
-        .step_by(CHUNK as usize)
-        .map(|start| {
-            let n = CHUNK.min(s.tokens - start);
-            let sub = KvShape { tokens: n, ..s };
-            let mut data = Vec::with_capacity(sub.elements() as usize * 2);
-            for slot in 0..(2 * s.layers) as usize {
-                let base = (slot * s.tokens as usize + start as usize) * row;
-                data.extend_from_slice(&t.data()[base..base + n as usize * row]);
-            }
-            KvTensor::new(sub, Dtype::F16, data).expect("sub-shape of a valid shape")
-        })
-        .collect()
 }
 
 fn secs<F: FnMut() -> Result<()>>(iters: usize, mut f: F) -> Result<f64> {
@@ -127,7 +108,7 @@ fn main() -> Result<()> {
     for (name, tensor) in &cases {
         let shape = tensor.shape();
         let fp16_bytes = shape.byte_len(Dtype::F16)?;
-        let chunks = split(tensor);
+        let chunks = split(tensor, CHUNK);
         // Baselines for this shape: D2D copy of the output size, H2D of the fp16 cache.
         let src: CudaSlice<u8> = stream.alloc_zeros(fp16_bytes)?;
         let mut dst: CudaSlice<u8> = stream.alloc_zeros(fp16_bytes)?;
