@@ -484,6 +484,7 @@ fn codec_eval_reports_quality_per_profile() {
         &["--tune", "1"][..],
         &["--tune", "0.5,x"],
         &["--tune", "-1,1"],
+        &["--tune", "0.9,1.2,1,0,1.5,64,1,0.5"],
         &["--cont-tokens", "4000"],
     ] {
         let mut args = vec![
