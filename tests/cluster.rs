@@ -347,17 +347,21 @@ async fn a_killed_server_becomes_misses_and_a_restarted_one_converges_with_nothi
     assert!(!moved.is_empty(), "some keys moved back to the restarted server");
     let victim = nodes[1].client().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    // The server holds a copy a moment before the client's copier has its
+    // answer and counts it, so both are awaited together.
     loop {
-        if held_by(&victim, &layout, &moved).await.iter().all(|h| *h) {
+        let held = held_by(&victim, &layout, &moved).await.iter().all(|h| *h);
+        let counted =
+            metric(&c, "kvault_cluster_copy_forward_total{outcome=\"copied\"}") >= moved.len() as f64;
+        if held && counted {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "moved keys were not copied forward"
+            "moved keys were not copied forward (held by the new owner: {held}, counted: {counted})"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(metric(&c, "kvault_cluster_copy_forward_total") >= moved.len() as f64);
     assert!(metric(&c, "kvault_cluster_fallback_reads_total") > 0.0);
 
     tokio::time::sleep(Duration::from_millis(300)).await;
