@@ -41,7 +41,34 @@ use profile::{LayerGeom, Scratch};
 /// The container stores all of the tensor's layers: `total_layers = layer_count =
 /// shape.layers`, `layer_start = 0`.
 pub fn encode(view: KvView<'_>, profile: Profile) -> Result<Vec<u8>, CodecError> {
-    encode_inner(view, profile, None)
+    encode_inner(view, profile, None, false)
+}
+
+/// What an encoder may know about a chunk beyond its tensor ([`encode_with`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EncodeOptions<'a> {
+    /// The `kv-*` encoder's choices instead of the profile's own (as [`encode_tuned`]).
+    pub tuning: Option<&'a KvTuning>,
+    /// The chunk's first token is the first of its sequence (position 0), as chunk 0 of a
+    /// stored prefix is: `kv-*` profiles then store the attention-sink token's key rows
+    /// exactly ([`KvTuning::sink_tokens`]). Other profiles ignore it.
+    pub starts_sequence: bool,
+}
+
+/// Encodes like [`encode`] (or [`encode_tuned`] with a tuning), with what `options` tell
+/// about the chunk.
+pub fn encode_with(
+    view: KvView<'_>,
+    profile: Profile,
+    options: EncodeOptions<'_>,
+) -> Result<Vec<u8>, CodecError> {
+    match options.tuning {
+        Some(t) => {
+            check_tuning(profile, t)?;
+            encode_inner(view, profile, Some(t), options.starts_sequence)
+        }
+        None => encode_inner(view, profile, None, options.starts_sequence),
+    }
 }
 
 /// Encodes like [`encode`] with a `kv-*` profile but the encoder's choices of `tuning`
@@ -49,24 +76,30 @@ pub fn encode(view: KvView<'_>, profile: Profile) -> Result<Vec<u8>, CodecError>
 /// decoders as any other of that profile. Fails for profiles that are not `kv-*` and for
 /// a tuning out of range.
 pub fn encode_tuned(view: KvView<'_>, profile: Profile, tuning: &KvTuning) -> Result<Vec<u8>, CodecError> {
+    check_tuning(profile, tuning)?;
+    encode_inner(view, profile, Some(tuning), false)
+}
+
+/// Errors unless `profile` takes a kv tuning and `tuning` is in range.
+fn check_tuning(profile: Profile, tuning: &KvTuning) -> Result<(), CodecError> {
     if KvTuning::of(profile).is_none() {
         return Err(CodecError::UnknownProfile(format!(
             "{profile} takes no kv tuning"
         )));
     }
-    tuning.check()?;
-    encode_inner(view, profile, Some(tuning))
+    tuning.check()
 }
 
 fn encode_inner(
     view: KvView<'_>,
     profile: Profile,
     tuning: Option<&KvTuning>,
+    starts_sequence: bool,
 ) -> Result<Vec<u8>, CodecError> {
     let shape = view.shape();
     let dtype = view.dtype();
     shape.checked_byte_len(dtype)?;
-    let params = profile.params(&view, tuning)?;
+    let params = profile.params(&view, tuning, starts_sequence)?;
     let layer_bytes = shape.layer_byte_len(dtype)?;
     let layers: Vec<Vec<u8>> = view
         .data()
@@ -74,7 +107,10 @@ fn encode_inner(
         .enumerate()
         .map(|(i, layer)| {
             // `i < shape.layers <= LIMITS.max_layers`, so it fits in u32.
-            let geom = geom(&shape, i as u32, shape.layers);
+            let geom = LayerGeom {
+                starts_sequence,
+                ..geom(&shape, i as u32, shape.layers)
+            };
             with_scratch(|scratch| profile.encode_layer(layer, dtype, &params, geom, tuning, scratch))
         })
         .collect::<Result<_, _>>()?;
@@ -100,6 +136,7 @@ fn geom(shape: &KvShape, index: u32, total_layers: u32) -> LayerGeom {
         total_layers,
         tokens: shape.tokens as usize,
         channels: shape.kv_heads as usize * shape.head_dim as usize,
+        starts_sequence: false,
     }
 }
 

@@ -99,6 +99,23 @@ pub struct RansStream {
     pub data_offset: u64,
 }
 
+/// One token row of one part stored exactly (a `kv-*` exception token, payload format 3),
+/// which a decoder writes over what the part's streams decoded there (24 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExactRow {
+    /// `2 * output_layer + kind`.
+    pub out_slot: u32,
+    /// Global output token.
+    pub token: u32,
+    /// Dtype id of the stored row ([`crate::Dtype`]: 1 f16, 2 bf16, 3 f32).
+    pub dtype: u32,
+    /// Reserved (zero).
+    pub reserved: u32,
+    /// Byte offset of the row's `channels` little-endian elements in the batch's input.
+    pub data_offset: u64,
+}
+
 /// The rANS family's records and parameters.
 #[derive(Clone, Debug, Default)]
 pub struct RansPlan {
@@ -117,6 +134,9 @@ pub struct RansPlan {
     /// Escaped residuals (already un-zigzagged); an escape decodes to
     /// `f32(i64(r) + bias + M) * step`.
     pub escapes: Vec<i32>,
+    /// Rows stored exactly, to be written after the streams are decoded (each row's
+    /// element converted exactly to f32, then rounded to the output dtype).
+    pub exact_rows: Vec<ExactRow>,
 }
 
 /// One part of a q8 plan (24 bytes).
@@ -266,6 +286,7 @@ impl DecodePlan {
         rans.steps.clear();
         rans.biases.clear();
         rans.escapes.clear();
+        rans.exact_rows.clear();
         q8.parts.clear();
         q8.lo_step.clear();
         cachegen.parts.clear();
@@ -374,6 +395,7 @@ impl DecodePlan {
         count(self.rans.parts.len(), other.rans.parts.len())?;
         count(self.rans.steps.len(), other.rans.steps.len())?;
         count(self.rans.escapes.len(), other.rans.escapes.len())?;
+        count(self.rans.exact_rows.len(), other.rans.exact_rows.len())?;
         count(self.q8.lo_step.len(), other.q8.lo_step.len())?;
         count(self.cachegen.parts.len(), other.cachegen.parts.len())?;
         count(self.cachegen.scales.len(), other.cachegen.scales.len())?;
@@ -403,6 +425,13 @@ impl DecodePlan {
         self.rans.steps.extend(&other.rans.steps);
         self.rans.biases.extend(&other.rans.biases);
         self.rans.escapes.extend(&other.rans.escapes);
+        self.rans
+            .exact_rows
+            .extend(other.rans.exact_rows.iter().map(|e| ExactRow {
+                token: e.token + token_offset,
+                data_offset: e.data_offset + input_offset,
+                ..*e
+            }));
         let qp = idx(self.q8.lo_step.len())?;
         self.q8.parts.extend(other.q8.parts.iter().map(|p| Q8Part {
             token_offset: p.token_offset + token_offset,
@@ -487,6 +516,7 @@ pub unsafe trait PlanRecord: Copy {}
 // SAFETY: primitives and padding-free repr(C) records (sizes asserted below).
 unsafe impl PlanRecord for RansPart {}
 unsafe impl PlanRecord for RansStream {}
+unsafe impl PlanRecord for ExactRow {}
 unsafe impl PlanRecord for Q8Part {}
 unsafe impl PlanRecord for CachegenPart {}
 unsafe impl PlanRecord for CachegenStream {}
@@ -498,6 +528,7 @@ unsafe impl PlanRecord for f32 {}
 const _: () = {
     assert!(std::mem::size_of::<RansPart>() == 32);
     assert!(std::mem::size_of::<RansStream>() == 32);
+    assert!(std::mem::size_of::<ExactRow>() == 24);
     assert!(std::mem::size_of::<Q8Part>() == 24);
     assert!(std::mem::size_of::<CachegenPart>() == 32);
     assert!(std::mem::size_of::<CachegenStream>() == 32);

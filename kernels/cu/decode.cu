@@ -26,6 +26,8 @@ struct RansStream { u32 part, token_start, tokens, escape_start, escape_count, d
 struct Q8Part { u32 out_slot, token_offset, tokens, param_start; u64 data_offset; };
 struct CgPart { u32 out_slot, token_offset, scale_start, cdf_start, max, r0, r1, r2; };
 struct CgStream { u32 part, channel, token_start, tokens; u64 data_offset; u32 data_len, r0; };
+// dtype: 1 f16, 2 bf16, 3 f32 (kvault_codec::Dtype ids).
+struct ExactRow { u32 out_slot, token, dtype, r0; u64 data_offset; };
 
 // Error flags, OR-ed into err[0]; err[1] takes the lowest failing stream.
 #define ERR_RANS_STATE 1u
@@ -348,6 +350,38 @@ extern "C" __global__ void cachegen_decode(const u8* __restrict__ input, const C
                 return;
             }
         }
+    }
+}
+
+// Rows the kv-* encoder stored exactly (exception tokens), written over what rans_decode
+// wrote there: launched after it on the same stream. One thread block per row; each
+// element converted exactly to f32 (bytes assembled one by one: rows sit at any offset),
+// then rounded to the output dtype as every other decoded element.
+extern "C" __global__ void exact_rows(const u8* __restrict__ input, const ExactRow* __restrict__ rows,
+                                      u32 n_rows, const u64* __restrict__ slots,
+                                      const i32* __restrict__ block_table, u32 block_size, u32 channels,
+                                      u32 dtype) {
+    const u32 r = blockIdx.x;
+    if (r >= n_rows) return;
+    const ExactRow e = rows[r];
+    const u32 esize = dtype == OUT_F32 ? 4u : 2u;
+    const u64 base = row_addr(slots, block_table, block_size, channels * esize, e.out_slot, e.token);
+    const u8* src = input + e.data_offset;
+    for (u32 ch = threadIdx.x; ch < channels; ch += blockDim.x) {
+        float v;
+        if (e.dtype == 3u) {
+            const u8* b = src + (u64)ch * 4;
+            v = __uint_as_float((u32)b[0] | ((u32)b[1] << 8) | ((u32)b[2] << 16) | ((u32)b[3] << 24));
+        } else {
+            const u8* b = src + (u64)ch * 2;
+            const u16 h = (u16)((u32)b[0] | ((u32)b[1] << 8));
+            if (e.dtype == 2u) {
+                v = __uint_as_float((u32)h << 16);
+            } else {
+                asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
+            }
+        }
+        store(base + (u64)ch * esize, dtype, v);
     }
 }
 

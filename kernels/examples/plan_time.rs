@@ -46,7 +46,14 @@ fn main() {
         }
         let blobs: Vec<Vec<u8>> = chunks
             .par_iter()
-            .map(|c| kvault_codec::encode(c.view(), p).expect("encode"))
+            .enumerate()
+            .map(|(i, c)| {
+                let options = kvault_codec::EncodeOptions {
+                    tuning: None,
+                    starts_sequence: i == 0,
+                };
+                kvault_codec::encode_with(c.view(), p, options).expect("encode")
+            })
             .collect();
         let plan_all = |parallel: bool| {
             let plans: Vec<DecodePlan> = if parallel {

@@ -82,6 +82,7 @@ mod tests {
                     "q8_decode",
                     "cachegen_decode",
                     "scatter_rows",
+                    "exact_rows",
                 ] {
                     assert!(
                         text.contains(&format!(".entry {entry}")),

@@ -68,6 +68,7 @@ struct Kernels {
     q8: CudaFunction,
     cachegen: CudaFunction,
     scatter: CudaFunction,
+    exact_rows: CudaFunction,
     _module: Arc<CudaModule>,
 }
 
@@ -133,6 +134,7 @@ impl GpuDecoder {
             q8: f("q8_decode")?,
             cachegen: f("cachegen_decode")?,
             scatter: f("scatter_rows")?,
+            exact_rows: f("exact_rows")?,
             _module: module.clone(),
         };
         let stream = ctx.new_stream().map_err(cuda)?;
@@ -528,7 +530,7 @@ impl GpuDecoder {
             .flat_map(|&a| [a as u32, (a >> 32) as u32])
             .collect();
         // Every array of the plan in one upload, each section 256-byte aligned.
-        let sections: [&[u8]; 14] = [
+        let sections: [&[u8]; 15] = [
             as_bytes(&r.streams),
             as_bytes(&r.parts),
             as_bytes(&r.freqs),
@@ -543,14 +545,15 @@ impl GpuDecoder {
             as_bytes(&g.cdfs),
             as_bytes(&slots),
             as_bytes(&layout.block_table),
+            as_bytes(&r.exact_rows),
         ];
-        let mut offsets = [0u64; 14];
+        let mut offsets = [0u64; 15];
         let mut total = 0usize;
         for (o, sec) in offsets.iter_mut().zip(&sections) {
             *o = total as u64;
             total = (total + sec.len()).next_multiple_of(ALIGN);
         }
-        let [rs, rp, rf, rst, rb, re, qp, ql, cs, cp, csc, cc, sl, bt] = offsets;
+        let [rs, rp, rf, rst, rb, re, qp, ql, cs, cp, csc, cc, sl, bt, ex] = offsets;
         // Stage in pinned memory: the copy is then a true asynchronous DMA. Plans of one
         // call take consecutive regions, since earlier ones may still be in flight.
         if s.staging
@@ -654,6 +657,24 @@ impl GpuDecoder {
                 .arg(&err);
             // SAFETY: as above; every index the kernel follows was checked by the planner.
             unsafe { b.launch(config(n_parts, threads)) }.map_err(cuda)?;
+            if !r.exact_rows.is_empty() {
+                // After rans_decode on the same stream: the exact rows overwrite its output.
+                let n_rows = u32::try_from(r.exact_rows.len())
+                    .map_err(|_| KernelError::Layout("too many exact rows".into()))?;
+                let rows = base + ex;
+                let mut b = self.stream.launch_builder(&self.k.exact_rows);
+                b.arg(&input)
+                    .arg(&rows)
+                    .arg(&n_rows)
+                    .arg(&slots_p)
+                    .arg(&table_p)
+                    .arg(&bsz)
+                    .arg(&channels)
+                    .arg(&dt);
+                // SAFETY: arguments match the kernel's signature; rows were checked by the
+                // planner to lie inside the input and the plan's tokens.
+                unsafe { b.launch(config(n_rows, 128)) }.map_err(cuda)?;
+            }
         }
         if !plan.q8.parts.is_empty() {
             let (parts, lo) = (base + qp, base + ql);

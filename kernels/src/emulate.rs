@@ -126,6 +126,21 @@ pub(crate) fn run(
         bad |= x.iter().any(|&x| x != 65536) || pos != words || esc_used != st.escape_count;
     }
 
+    // exact_rows, after the streams (a later launch on the same stream).
+    for e in &r.exact_rows {
+        let size = if e.dtype == 3 { 4 } else { 2 };
+        let src = &input[e.data_offset as usize..][..(c * size) as usize];
+        for ch in 0..c {
+            let b = &src[(ch * size) as usize..][..size as usize];
+            let v = match e.dtype {
+                1 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+                2 => bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+                _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            };
+            store(row(e.out_slot, e.token) + u64::from(ch) * es, v);
+        }
+    }
+
     // q8_decode.
     for p in &plan.q8.parts {
         let lo = &plan.q8.lo_step[p.param_start as usize..];
@@ -234,15 +249,12 @@ mod tests {
                 let kv = crate::synthetic::kv_like(shape, seed ^ i as u64);
                 // kv-* chunks also with key rows (payload format 2 when a chunk has more
                 // than one row).
-                let blob = match KvTuning::of(profile) {
-                    Some(own) if key_rows > 0 => kvault_codec::encode_tuned(
-                        kv.view(),
-                        profile,
-                        &KvTuning { key_group_tokens: key_rows, key_rows_min_tokens: 0, ..own },
-                    ),
-                    _ => kvault_codec::encode(kv.view(), profile),
-                }
-                .unwrap();
+                // The first chunk starts the sequence: kv-* store its sink token exactly.
+                let tuning = KvTuning::of(profile)
+                    .filter(|_| key_rows > 0)
+                    .map(|own| KvTuning { key_group_tokens: key_rows, key_rows_min_tokens: 0, ..own });
+                let options = kvault_codec::EncodeOptions { tuning: tuning.as_ref(), starts_sequence: i == 0 };
+                let blob = kvault_codec::encode_with(kv.view(), profile, options).unwrap();
                 plan.add(&blob, input.len() as u64, tok0, Some(range.clone())).unwrap();
                 let sliced = kvault_codec::slice_layers(&blob, range.clone()).unwrap();
                 let sub = KvShape { layers: nl, ..shape };
@@ -251,6 +263,13 @@ mod tests {
                 expected_chunks.push((tok0, t, cpu));
                 input.extend_from_slice(&blob);
                 tok0 += t;
+            }
+            // kv-* store the first chunk's token 0 (of more than one) exactly, key rows
+            // only, which the plan writes after the streams.
+            if KvTuning::of(profile).is_some() {
+                let rows: Vec<(u32, u32)> = plan.rans.exact_rows.iter().map(|e| (e.out_slot, e.token)).collect();
+                let want: Vec<(u32, u32)> = if tokens[0] > 1 { (0..nl).map(|l| (2 * l, 0)).collect() } else { Vec::new() };
+                prop_assert_eq!(rows, want);
             }
             let c = heads * head_dim;
             let es = dtype.size();

@@ -1,8 +1,10 @@
 //! Synthetic KV caches with the structure of real ones, for tests and benchmarks of
 //! shapes no bundled model has (a Llama-3-8B-shaped cache): keys with per-channel offsets
-//! and scales and a few outlier channels, values with per-token magnitudes, and rare
-//! outlier elements. Codec quality is judged on real caches elsewhere; these only have
-//! to exercise every path of the decoders at realistic sizes and symbol statistics.
+//! and scales and a few outlier channels, values with per-token magnitudes, rare outlier
+//! elements, and an attention sink at token 0 (keys far from every other token's, as the
+//! first token of a real sequence has; `kv-*` codecs store such rows exactly). Codec
+//! quality is judged on real caches elsewhere; these only have to exercise every path of
+//! the decoders at realistic sizes and symbol statistics.
 
 use half::f16;
 use kvault_codec::{Dtype, KvShape, KvTensor};
@@ -33,7 +35,14 @@ pub fn kv_like(shape: KvShape, seed: u64) -> KvTensor {
                     u * (0.5 + ((tok * 7) % 11) as f32 * 0.1)
                 } else {
                     let outlier = if ch % 61 == 3 { 12.0 } else { 1.0 };
-                    u * (0.5 + (ch % 5) as f32 * 0.4) * outlier + ((ch % 9) as f32 - 4.0) * 0.3
+                    let scale = (0.5 + (ch % 5) as f32 * 0.4) * outlier;
+                    // The sink: several of the channel's spreads away, in every channel.
+                    let u = if tok == 0 {
+                        8.0 + 4.0 * (ch % 3) as f32 + u
+                    } else {
+                        u
+                    };
+                    u * scale + ((ch % 9) as f32 - 4.0) * 0.3
                 };
                 let v = if (r >> 40) % 499 == 0 { v * 30.0 } else { v };
                 o.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());

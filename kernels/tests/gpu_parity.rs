@@ -128,17 +128,19 @@ fn chunks(t: &KvTensor, chunk: u32, profile: Profile, key_rows: u32) -> Vec<Vec<
             data.extend_from_slice(&t.data()[base..base + n as usize * c * 2]);
         }
         let sub_t = KvTensor::new(sub, t.dtype(), data).unwrap();
-        let blob = match KvTuning::of(profile) {
-            Some(own) if key_rows > 0 => {
-                let tuning = KvTuning {
-                    key_group_tokens: key_rows,
-                    key_rows_min_tokens: 0,
-                    ..own
-                };
-                kvault_codec::encode_tuned(sub_t.view(), profile, &tuning)
-            }
-            _ => kvault_codec::encode(sub_t.view(), profile),
+        // The first chunk starts the sequence: kv-* store its sink token exactly.
+        let tuning = KvTuning::of(profile)
+            .filter(|_| key_rows > 0)
+            .map(|own| KvTuning {
+                key_group_tokens: key_rows,
+                key_rows_min_tokens: 0,
+                ..own
+            });
+        let options = kvault_codec::EncodeOptions {
+            tuning: tuning.as_ref(),
+            starts_sequence: start == 0,
         };
+        let blob = kvault_codec::encode_with(sub_t.view(), profile, options);
         out.push(blob.unwrap());
         start += n;
     }

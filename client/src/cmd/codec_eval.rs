@@ -53,11 +53,12 @@ pub struct CodecEvalArgs {
     #[arg(long, value_delimiter = ',')]
     pub profiles: Vec<Profile>,
     /// Extra rows: the `kv-mid` encoder with other step factors,
-    /// `KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS[,ROWS_FROM]]]]]]` (key
-    /// and value step factors in units of σ, factor multiplier of the early layer group,
-    /// how steps follow each group's own σ, tokens per row of key groups (0: none), 1 for a
-    /// key step per row or 0 for one pooled over rows, the shortest chunk coded with rows:
-    /// see `kvault_codec::KvTuning`); omitted
+    /// `KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS[,ROWS_FROM[,SINKS[,SINK_VALUES]]]]]]]]]`
+    /// (key and value step factors in units of σ, factor multiplier of the early layer
+    /// group, how steps follow each group's own σ, tokens per row of key groups (0: none),
+    /// 1 for a key step per row or 0 for one pooled over rows, the shortest chunk coded
+    /// with rows, the leading tokens of a window whose keys are stored exactly, 1 to store
+    /// their values exactly too: see `kvault_codec::KvTuning`); omitted
     /// fields are kv-mid's. Repeatable. For rate-distortion experiments: the containers
     /// decode with the same decoders.
     #[arg(long, value_parser = parse_tuning)]
@@ -74,9 +75,9 @@ fn parse_tuning(s: &str) -> Result<KvTuning, String> {
         .map(|x| x.trim().parse::<f64>().map_err(|e| format!("{x:?}: {e}")))
         .collect::<Result<_, _>>()?;
     let mut t = KvTuning::of(Profile::DEFAULT_LOSSY).ok_or("no default kv tuning")?;
-    if !(2..=8).contains(&f.len()) {
+    if !(2..=10).contains(&f.len()) {
         return Err(format!(
-            "{s:?}: expected KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS[,ROWS_FROM]]]]]]"
+            "{s:?}: expected KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS[,ROWS_FROM[,SINKS[,SINK_VALUES]]]]]]]]]"
         ));
     }
     (t.key_factor, t.value_factor) = (f[0], f[1]);
@@ -112,6 +113,19 @@ fn parse_tuning(s: &str) -> Result<KvTuning, String> {
         }
         t.key_rows_min_tokens = r as u32;
     }
+    if let Some(&n) = f.get(8) {
+        if !(0.0..=64.0).contains(&n) || n.fract() != 0.0 {
+            return Err(format!("{s:?}: SINKS must be a whole number of tokens up to 64"));
+        }
+        t.sink_tokens = n as u32;
+    }
+    if let Some(&v) = f.get(9) {
+        t.sink_values = match v {
+            0.0 => false,
+            1.0 => true,
+            _ => return Err(format!("{s:?}: SINK_VALUES must be 0 or 1")),
+        };
+    }
     Ok(t)
 }
 
@@ -144,11 +158,21 @@ impl Variant {
         }
     }
 
-    fn encode(&self, view: kvault_codec::KvView<'_>) -> Result<Vec<u8>, kvault_codec::CodecError> {
-        match self {
-            Variant::Profile(p) => kvault_codec::encode(view, *p),
-            Variant::Tuned(t) => kvault_codec::encode_tuned(view, Profile::DEFAULT_LOSSY, t),
-        }
+    /// Encodes a chunk; `starts_sequence` for a window's first (its sink token).
+    fn encode(
+        &self,
+        view: kvault_codec::KvView<'_>,
+        starts_sequence: bool,
+    ) -> Result<Vec<u8>, kvault_codec::CodecError> {
+        let (profile, tuning) = match self {
+            Variant::Profile(p) => (*p, None),
+            Variant::Tuned(t) => (Profile::DEFAULT_LOSSY, Some(t)),
+        };
+        let options = kvault_codec::EncodeOptions {
+            tuning,
+            starts_sequence,
+        };
+        kvault_codec::encode_with(view, profile, options)
     }
 }
 
@@ -158,7 +182,7 @@ impl std::fmt::Display for Variant {
             Variant::Profile(p) => write!(f, "{p}"),
             Variant::Tuned(t) => write!(
                 f,
-                "tuned k{} v{} e{} kp{} vp{} rows{}{}{}",
+                "tuned k{} v{} e{} kp{} vp{} rows{}{}{}{}",
                 t.key_factor,
                 t.value_factor,
                 t.early_scale,
@@ -170,6 +194,15 @@ impl std::fmt::Display for Variant {
                     String::new()
                 } else {
                     format!(" from{}", t.key_rows_min_tokens)
+                },
+                match KvTuning::of(Profile::DEFAULT_LOSSY) {
+                    Some(d) if (d.sink_tokens, d.sink_values) == (t.sink_tokens, t.sink_values) =>
+                        String::new(),
+                    _ => format!(
+                        " sinks{}{}",
+                        t.sink_tokens,
+                        if t.sink_values { "kv" } else { "k" }
+                    ),
                 }
             ),
         }
@@ -268,7 +301,7 @@ pub(super) fn encode_chunks(
         .step_by(chunk_tokens as usize)
         .map(|t0| {
             let chunk = slice_tokens(&kv.view(), t0, (t0 + chunk_tokens).min(t))?;
-            Ok(variant.encode(chunk.view())?)
+            Ok(variant.encode(chunk.view(), t0 == 0)?)
         })
         .collect()
 }

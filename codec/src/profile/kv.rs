@@ -34,22 +34,35 @@
 //!   octave grid from 2^-40 to 2^24): exact in f32, so every decoder computes the same
 //!   bits. A step is raised when needed so that `max |x| / Δ ≤ 2^29` (residuals fit i32).
 //!
-//! Decoding computes `x̂ = (r + m) · Δ` in f32.
+//! Decoding computes `x̂ = (r + m) · Δ` in f32 (exception rows: their stored value).
 //!
 //! **Error bound** (every tuning): `|x - x̂| ≤ Δ/2 + 2^-22 · |x|` for every element,
 //! with Δ the step of the element's group, plus the rounding of the output dtype when it
 //! is narrower than f32. With Gaussian-like groups that is an RMS error of about
 //! `0.29 · Δ`; the profiles' factors are in [`KvTuning::of`].
 //!
-//! Header parameters (5 bytes): format (1 or 2), probability bits 12, lanes 8,
-//! `block_tokens` (u16). The encoder writes format 1 when no part needs format 2's rows
-//! (chunks no longer than one row), so such chunks stay readable by format-1 decoders.
-//! Layer payload, for K then V: `kind` (u8), then by kind
+//! **Exception tokens** (payload format 3): in a chunk that starts its sequence, the key
+//! rows of the first token (the attention sink, which most heads weight most, so that its
+//! key errors move every softmax; [`KvTuning::sink_tokens`]) are stored exactly, in the
+//! source dtype, and replaced in the quantized part by their neighbour's rows, so that the
+//! sink's outlying key (far from the channel means, with a small norm) does not widen
+//! every channel's step either; decoders write the rows over what the streams decoded
+//! there. On real SmolLM2 caches (`kvault codec-eval`, docs/figures.md) this one token
+//! per sequence took a third of kv-mid's KL at 256-token chunks. Chunks further into a
+//! sequence are coded as before (formats 1 and 2, byte for byte).
+//!
+//! Header parameters (5 bytes): format (1, 2 or 3), probability bits 12, lanes 8,
+//! `block_tokens` (u16). Without exception lists the encoder writes format 1 when no part
+//! needs format 2's rows (chunks no longer than one row), so such chunks stay readable by
+//! format-1 decoders. Layer payload, for K then V: in format 3 first the part's exception
+//! list (varint count `n`; when `n > 0` the dtype id (u8), the first token and the gaps
+//! between the following ones minus one (varints, so tokens strictly increase), then `n`
+//! rows of `channels` little-endian elements); then `kind` (u8), then by kind
 //! - 0 (format 1 and 2, groups are channels): one step byte `e` per channel, one zigzag
 //!   varint `m` per channel;
 //! - 1 (format 1 and 2, groups are tokens): one step byte per token, one zigzag varint per
 //!   token;
-//! - 2 (format 2 only, groups are (row, channel)): varint `group_blocks` (rows are
+//! - 2 (format 2 and 3, groups are (row, channel)): varint `group_blocks` (rows are
 //!   `group_blocks · block_tokens` tokens, the last one shorter), one step byte per row,
 //!   the zero points of row 0 (one zigzag varint per channel), and when there is more than
 //!   one row the differences `m(r, c) - pred(r, c)` of rows 1.. as a coded integer
@@ -68,7 +81,7 @@
 //! shared rotation table), value groups per (token, head).
 
 use crate::error::CodecError;
-use crate::plan::{LayerPlace, RansPart, RansPlan, RansStream, index, input_offset};
+use crate::plan::{ExactRow, LayerPlace, RansPart, RansPlan, RansStream, index, input_offset};
 use crate::profile::payload::{PayloadReader, put_svarint, put_varint, read_varint, unzigzag};
 use crate::profile::{LayerGeom, Profile, Scratch, load_f32, store_f32};
 use crate::rans::{self, DecodeTable, FreqTable};
@@ -78,6 +91,11 @@ use crate::tensor::{Dtype, KvView};
 const FORMAT_V1: u8 = 1;
 /// Payload format 2: adds key groups per (row of tokens, channel) (kind 2).
 const FORMAT_V2: u8 = 2;
+/// Payload format 3: format 2, and every part starts with its exception tokens, whose
+/// rows are stored exactly (in the source dtype) instead of quantized.
+const FORMAT_V3: u8 = 3;
+/// Most leading sink tokens a tuning may store exactly ([`KvTuning::sink_tokens`]).
+const MAX_SINK_TOKENS: u32 = 64;
 
 /// Shortest chunk the `kv-*` profiles code with key rows. On 256-token SmolLM2 chunks rows
 /// lowered the KL by only 8% (against 47% at 4096 tokens, docs/figures.md) while they
@@ -192,6 +210,15 @@ pub struct KvTuning {
     /// With key rows: each row's step follows the σ within that row (true) or all rows
     /// share the step of the σ pooled over the chunk's rows (false).
     pub key_step_per_row: bool,
+    /// Leading tokens of a sequence whose key rows are stored exactly (payload format 3),
+    /// in a chunk that starts its sequence ([`crate::EncodeOptions::starts_sequence`]):
+    /// the attention sink. Most heads put most of their weight on the first token, so an
+    /// error in its key moves every score's softmax (KVQuant and IntactKV keep it in full
+    /// precision likewise); quantized among the others it also widens every channel's
+    /// step, its key being far from the channel means. 0: none.
+    pub sink_tokens: u32,
+    /// Whether the sink tokens' value rows are stored exactly too.
+    pub sink_values: bool,
 }
 
 impl KvTuning {
@@ -233,7 +260,25 @@ impl KvTuning {
             key_group_tokens: 64,
             key_rows_min_tokens: KEY_ROWS_MIN_TOKENS,
             key_step_per_row: true,
+            sink_tokens: 1,
+            sink_values: false,
         })
+    }
+
+    /// Sink tokens stored exactly in a chunk of `tokens` tokens (never all of them).
+    fn sinks(&self, tokens: usize, starts_sequence: bool) -> usize {
+        if starts_sequence {
+            (self.sink_tokens as usize).min(tokens.saturating_sub(1))
+        } else {
+            0
+        }
+    }
+
+    /// Streams per key row of a chunk of `tokens` tokens in streams of `block` tokens,
+    /// when its keys are coded in rows (at least two rows, and the chunk long enough).
+    fn rows_for(&self, tokens: usize, block: usize) -> Option<usize> {
+        self.key_group_blocks(block)
+            .filter(|&gb| tokens > gb * block && tokens >= self.key_rows_min_tokens as usize)
     }
 
     /// The step factor of one part of layer `index` of `total`.
@@ -267,6 +312,7 @@ impl KvTuning {
             && share(self.early_values)
             && self.key_group_tokens <= u32::from(u16::MAX)
             && self.key_rows_min_tokens <= u32::from(u16::MAX)
+            && self.sink_tokens <= MAX_SINK_TOKENS
         {
             Ok(())
         } else {
@@ -283,7 +329,11 @@ struct Params {
     block: usize,
 }
 
-pub(super) fn params(tuning: &KvTuning, view: &KvView<'_>) -> Result<Vec<u8>, CodecError> {
+pub(super) fn params(
+    tuning: &KvTuning,
+    view: &KvView<'_>,
+    starts_sequence: bool,
+) -> Result<Vec<u8>, CodecError> {
     let shape = view.shape();
     let channels = (shape.kv_heads as usize * shape.head_dim as usize).max(1);
     let target = (STREAM_SYMBOLS / channels).clamp(BLOCK_TOKENS.0, BLOCK_TOKENS.1);
@@ -293,10 +343,13 @@ pub(super) fn params(tuning: &KvTuning, view: &KvView<'_>) -> Result<Vec<u8>, Co
     let tokens = (shape.tokens as usize).max(1);
     let streams = tokens.div_ceil(target).next_multiple_of(STREAMS_TOGETHER);
     let block = tokens.div_ceil(streams).clamp(BLOCK_TOKENS.0, BLOCK_TOKENS.1);
-    // Format 2 only when rows are on, the chunk is long enough and has more than one.
-    let format = match tuning.key_group_blocks(block) {
-        Some(gb) if tokens > gb * block && tokens >= tuning.key_rows_min_tokens as usize => FORMAT_V2,
-        _ => FORMAT_V1,
+    // Format 3 for exception rows; else 2 only when the chunk has key rows.
+    let format = if tuning.sinks(tokens, starts_sequence) > 0 {
+        FORMAT_V3
+    } else if tuning.rows_for(tokens, block).is_some() {
+        FORMAT_V2
+    } else {
+        FORMAT_V1
     };
     let mut p = vec![format, rans::PROB_BITS as u8, rans::LANES as u8];
     p.extend_from_slice(&(block as u16).to_le_bytes());
@@ -306,7 +359,7 @@ pub(super) fn params(tuning: &KvTuning, view: &KvView<'_>) -> Result<Vec<u8>, Co
 /// Checks the header parameters.
 fn parse_params(params: &[u8]) -> Result<Params, CodecError> {
     match params {
-        [format @ (FORMAT_V1 | FORMAT_V2), bits, lanes, b0, b1]
+        [format @ (FORMAT_V1 | FORMAT_V2 | FORMAT_V3), bits, lanes, b0, b1]
             if u32::from(*bits) == rans::PROB_BITS && usize::from(*lanes) == rans::LANES =>
         {
             let block = u16::from_le_bytes([*b0, *b1]);
@@ -319,7 +372,7 @@ fn parse_params(params: &[u8]) -> Result<Params, CodecError> {
             })
         }
         _ => Err(CodecError::Corrupt(format!(
-            "kv profile parameters {params:02x?} not understood (expected format {FORMAT_V1} or {FORMAT_V2}, {} probability bits, {} lanes)",
+            "kv profile parameters {params:02x?} not understood (expected format {FORMAT_V1} to {FORMAT_V3}, {} probability bits, {} lanes)",
             rans::PROB_BITS,
             rans::LANES
         ))),
@@ -417,9 +470,14 @@ fn encode_layer_with(
 ) -> Result<Vec<u8>, CodecError> {
     let p = parse_params(params)?;
     let block = p.block;
-    // Key rows exactly when the header says format 2 (the header was written for them).
-    let rows = if p.format == FORMAT_V2 {
-        tuning.key_group_blocks(block)
+    // Key rows as the header was written for them: format 1 has none, format 2 always
+    // has them, format 3 when the chunk is long enough.
+    let rows = match p.format {
+        FORMAT_V1 => None,
+        _ => tuning.rows_for(geom.tokens, block),
+    };
+    let sinks = if p.format >= FORMAT_V3 {
+        Some(tuning.sinks(geom.tokens, geom.starts_sequence))
     } else {
         None
     };
@@ -430,7 +488,9 @@ fn encode_layer_with(
     let job = Parts {
         tuning,
         f32s: &f32s,
+        source: (layer, dtype),
         rows,
+        sinks,
         block,
         geom,
     };
@@ -454,8 +514,12 @@ fn encode_layer_with(
 struct Parts<'a> {
     tuning: &'a KvTuning,
     f32s: &'a [f32],
+    /// The layer's bytes and their dtype (exception rows are copied from them).
+    source: (&'a [u8], Dtype),
     /// Streams per key row, when the keys are coded in rows.
     rows: Option<usize>,
+    /// Format 3: every part starts with its exception list, the first `n` tokens.
+    sinks: Option<usize>,
     block: usize,
     geom: LayerGeom,
 }
@@ -481,15 +545,29 @@ fn encode_parts(job: &Parts<'_>, scratch: &mut Scratch, out: &mut Vec<u8>) -> Re
     let Parts {
         tuning,
         f32s,
+        source: (layer, dtype),
         rows,
+        sinks,
         block,
         geom,
     } = *job;
     let (t, c, n) = (geom.tokens, geom.channels, geom.part_elems());
     {
+        let mut replaced = Vec::new();
         for (i, part) in f32s.chunks_exact(n).enumerate() {
             let is_value = i == 1;
             let factor = tuning.factor(geom.index, geom.total_layers, is_value);
+            let mut part = part;
+            if let Some(sinks) = sinks {
+                let sinks = if is_value && !tuning.sink_values { 0 } else { sinks };
+                let picked: Vec<usize> = (0..sinks).collect();
+                let size = dtype.size();
+                let src = &layer[i * n * size..(i + 1) * n * size];
+                put_exceptions(out, &picked, src, dtype, c);
+                if !picked.is_empty() {
+                    part = stand_ins(part, c, &picked, &mut replaced);
+                }
+            }
             match rows {
                 Some(gb) if !is_value => encode_key_rows(
                     part,
@@ -520,6 +598,117 @@ fn encode_parts(job: &Parts<'_>, scratch: &mut Scratch, out: &mut Vec<u8>) -> Re
             }
         }
         Ok(())
+    }
+}
+
+/// Appends a part's exception list (format 3): the count, and when there are any the
+/// source dtype id, the first token and the gaps between the following ones (varints),
+/// then their rows' source bytes.
+fn put_exceptions(out: &mut Vec<u8>, picked: &[usize], src: &[u8], dtype: Dtype, c: usize) {
+    put_varint(out, picked.len() as u32);
+    if picked.is_empty() {
+        return;
+    }
+    out.push(dtype as u8);
+    let mut next = 0;
+    for &ti in picked {
+        put_varint(out, (ti - next) as u32);
+        next = ti + 1;
+    }
+    let row = c * dtype.size();
+    for &ti in picked {
+        out.extend_from_slice(&src[ti * row..(ti + 1) * row]);
+    }
+}
+
+/// `part` with the rows of the exception tokens `picked` replaced by their nearest other
+/// row (the previous one, else the next), in `buf`: they then cost the residuals of an
+/// ordinary token and leave the statistics as they would be without them.
+fn stand_ins<'b>(part: &[f32], c: usize, picked: &[usize], buf: &'b mut Vec<f32>) -> &'b [f32] {
+    buf.clear();
+    buf.extend_from_slice(part);
+    let t = part.len() / c;
+    let is_picked = |ti: usize| picked.binary_search(&ti).is_ok();
+    for &ti in picked {
+        let from = (0..ti)
+            .rev()
+            .find(|&s| !is_picked(s))
+            .or_else(|| (ti + 1..t).find(|&s| !is_picked(s)));
+        if let Some(s) = from {
+            buf.copy_within(s * c..(s + 1) * c, ti * c);
+        }
+    }
+    buf
+}
+
+/// A part's exception tokens as read from its payload (format 3).
+pub(crate) struct Exceptions<'a> {
+    /// Dtype of the stored rows.
+    pub(crate) dtype: Dtype,
+    /// Tokens, increasing, each below the chunk's token count.
+    pub(crate) tokens: Vec<usize>,
+    /// `tokens.len()` rows of `channels` elements of `dtype`.
+    pub(crate) rows: &'a [u8],
+}
+
+/// Reads a part's exception list (nothing before format 3), checking every token and
+/// length against the chunk's `t` tokens of `c` channels.
+fn read_exceptions<'a>(
+    r: &mut PayloadReader<'a>,
+    p: Params,
+    t: usize,
+    c: usize,
+) -> Result<Exceptions<'a>, CodecError> {
+    let none = Exceptions {
+        dtype: Dtype::F16,
+        tokens: Vec::new(),
+        rows: &[],
+    };
+    if p.format < FORMAT_V3 {
+        return Ok(none);
+    }
+    let n = r.varint()? as usize;
+    if n == 0 {
+        return Ok(none);
+    }
+    if n > t {
+        return Err(CodecError::Corrupt(format!(
+            "kv part has {n} exception tokens in a chunk of {t}"
+        )));
+    }
+    let dtype =
+        Dtype::from_u8(r.u8()?).map_err(|e| CodecError::Corrupt(format!("kv exception rows: {e}")))?;
+    let mut tokens = Vec::with_capacity(n);
+    let mut next = 0usize;
+    for _ in 0..n {
+        let ti = next.saturating_add(r.varint()? as usize);
+        if ti >= t {
+            return Err(CodecError::Corrupt(format!(
+                "kv exception token {ti} in a chunk of {t}"
+            )));
+        }
+        tokens.push(ti);
+        next = ti + 1;
+    }
+    let rows = r.take(n * c * dtype.size())?;
+    Ok(Exceptions { dtype, tokens, rows })
+}
+
+impl Exceptions<'_> {
+    /// Writes the exception rows over a decoded part (`[token][c]` in `out_dtype`).
+    fn write(
+        &self,
+        c: usize,
+        out_dtype: Dtype,
+        out: &mut [u8],
+        f32s: &mut Vec<f32>,
+        halfs: &mut Vec<half::f16>,
+    ) {
+        let (src_row, out_row) = (c * self.dtype.size(), c * out_dtype.size());
+        for (k, &ti) in self.tokens.iter().enumerate() {
+            load_f32(&self.rows[k * src_row..(k + 1) * src_row], self.dtype, f32s);
+            store_f32(f32s, out_dtype, &mut out[ti * out_row..(ti + 1) * out_row], halfs);
+        }
     }
 }
 
@@ -1115,6 +1304,25 @@ fn decode_part(
     scratch: &mut Scratch,
     simd: bool,
 ) -> Result<(), CodecError> {
+    let exceptions = read_exceptions(r, p, t, c)?;
+    decode_streams(r, p, t, c, out_dtype, out, dtable, scratch, simd)?;
+    exceptions.write(c, out_dtype, out, &mut scratch.f32s, &mut scratch.halfs);
+    Ok(())
+}
+
+/// A part's header and streams (everything after its exception list), decoded into `out`.
+#[allow(clippy::too_many_arguments)]
+fn decode_streams(
+    r: &mut PayloadReader<'_>,
+    p: Params,
+    t: usize,
+    c: usize,
+    out_dtype: Dtype,
+    out: &mut [u8],
+    dtable: &mut DecodeTable,
+    scratch: &mut Scratch,
+    simd: bool,
+) -> Result<(), CodecError> {
     let block = p.block;
     let (steps, zeros) = (&mut scratch.f32b, &mut scratch.ints);
     steps.clear();
@@ -1364,6 +1572,17 @@ pub(crate) fn plan_layer(
         let mut dtable = scratch.dtable.take().unwrap_or_default();
         let result = (|| {
             for kind in 0..2u32 {
+                let exceptions = read_exceptions(&mut r, p, t, c)?;
+                let row = c * exceptions.dtype.size();
+                for (k, &ti) in exceptions.tokens.iter().enumerate() {
+                    plan.exact_rows.push(ExactRow {
+                        out_slot: place.out_slot + kind,
+                        token: place.token_offset + index(ti)?,
+                        dtype: exceptions.dtype as u32,
+                        reserved: 0,
+                        data_offset: input_offset(payload, &exceptions.rows[k * row..], place.payload_offset),
+                    });
+                }
                 let group_start = index(plan.steps.len())?;
                 let (grouping, m, table) = read_part_header(
                     &mut r,
@@ -1479,21 +1698,44 @@ mod tests {
         let h = container.header();
         let shape = h.shape();
         let (t, c) = (shape.tokens as usize, (shape.kv_heads * shape.head_dim) as usize);
-        // Key rows exactly in format 2 (the encoder writes format 1 otherwise).
+        // Key rows never in format 1, always in format 2, in format 3 as the tuning says.
         let block = usize::from(u16::from_le_bytes([h.params[3], h.params[4]]));
         let rows_g = match h.params[0] {
-            FORMAT_V2 => Some(tuning.key_group_blocks(block).expect("format 2 has rows") * block),
-            _ => None,
+            FORMAT_V1 => None,
+            FORMAT_V2 => Some(tuning.rows_for(t, block).expect("format 2 has rows") * block),
+            _ => tuning.rows_for(t, block).map(|gb| gb * block),
         };
+        let exact = crate::plan::DecodePlan::of_container(blob, None)?.rans.exact_rows;
         let bound_step = |f: f64, sigma: f64, max_abs: f64| {
             (f * sigma * 2f64.powf(0.125))
                 .max(max_abs * 2f64.powi(-28))
                 .max(2f64.powi(-40))
                 * (1.0 + 1e-6)
         };
-        for (p, (xp, yp)) in x.chunks_exact(t * c).zip(y.chunks_exact(t * c)).enumerate() {
+        for (p, (x_part, yp)) in x.chunks_exact(t * c).zip(y.chunks_exact(t * c)).enumerate() {
             let per_token = p % 2 == 1;
             let f = tuning.factor((p / 2) as u32, shape.layers, per_token);
+            // Exception tokens decode exactly; the groups' statistics are those of the
+            // part with the exceptions' stand-in rows.
+            let picked: Vec<usize> = exact
+                .iter()
+                .filter(|e| e.out_slot as usize == p)
+                .map(|e| e.token as usize)
+                .collect();
+            for &ti in &picked {
+                prop_assert_eq!(
+                    &x_part[ti * c..(ti + 1) * c],
+                    &yp[ti * c..(ti + 1) * c],
+                    "exception token {}",
+                    ti
+                );
+            }
+            let mut buf = Vec::new();
+            let xp = if picked.is_empty() {
+                x_part
+            } else {
+                stand_ins(x_part, c, &picked, &mut buf)
+            };
             let variance = |idx: &[usize]| {
                 let n = idx.len() as f64;
                 let mean = idx.iter().map(|&i| f64::from(xp[i])).sum::<f64>() / n;
@@ -1551,6 +1793,9 @@ mod tests {
             }
             for (g, (idx, step)) in groups.iter().enumerate() {
                 for &i in idx {
+                    if picked.binary_search(&(i / c)).is_ok() {
+                        continue; // checked exact above
+                    }
                     let err = f64::from(xp[i] - yp[i]).abs();
                     let bound = step / 2.0 + 2f64.powi(-22) * f64::from(xp[i]).abs();
                     prop_assert!(
@@ -1583,9 +1828,19 @@ mod tests {
             profile in prop::sample::select(&[Profile::KvHi, Profile::KvMid, Profile::KvLo][..]),
             rows in prop::sample::select(&[0u32, 8, 20][..]),
             per_row in any::<bool>(),
+            starts_sequence in any::<bool>(),
+            sinks in 0u32..3,
         ) {
-            let tuning = with_rows(profile, rows, per_row);
-            let blob = crate::encode_tuned(t.view(), profile, &tuning)?;
+            let tuning = KvTuning {
+                sink_tokens: sinks,
+                sink_values: sinks == 2,
+                ..with_rows(profile, rows, per_row)
+            };
+            let options = crate::EncodeOptions {
+                tuning: Some(&tuning),
+                starts_sequence,
+            };
+            let blob = crate::encode_with(t.view(), profile, options)?;
             let got = decoded_f32(&blob);
             check_bound(&tuning, &blob, &seen, &got)?;
             // The profile's own tuning, through `encode`.
@@ -1639,6 +1894,7 @@ mod tests {
                     total_layers: h.total_layers,
                     tokens: shape.tokens as usize,
                     channels: (shape.kv_heads * shape.head_dim) as usize,
+                    starts_sequence: false,
                 };
                 let mut out = vec![0x55u8; n];
                 decode_layer_with(
@@ -1676,7 +1932,9 @@ mod tests {
             crate::convert(t.data(), t.dtype(), &mut data, dtype).unwrap();
             let t = crate::KvTensor::new(t.shape(), dtype, data).unwrap();
             let tuning = with_rows(profile, rows, seed % 2 == 0);
-            let params = params(&tuning, &t.view()).unwrap();
+            // Chunks that start their sequence too (exception rows, format 3).
+            let starts_sequence = seed % 3 == 0;
+            let params = params(&tuning, &t.view(), starts_sequence).unwrap();
             let shape = t.shape();
             let layer_len = shape.layer_byte_len(dtype).unwrap();
             for (i, layer) in t.data().chunks_exact(layer_len).enumerate() {
@@ -1685,6 +1943,7 @@ mod tests {
                     total_layers: layers,
                     tokens: tokens as usize,
                     channels: (kv_heads * head_dim) as usize,
+                    starts_sequence,
                 };
                 let run = |simd| {
                     encode_layer_with(&tuning, layer, dtype, &params, geom, &mut Scratch::default(), simd).unwrap()
@@ -1832,6 +2091,8 @@ mod tests {
             key_group_tokens: 0,
             key_rows_min_tokens: 0,
             key_step_per_row: true,
+            sink_tokens: 0,
+            sink_values: false,
         };
         let again = crate::encode_tuned(wide(1, 20, 1, 8, 0x5eed).view(), Profile::KvMid, &then).unwrap();
         assert_eq!(&again[..], &blob[..]);
@@ -1844,26 +2105,35 @@ mod tests {
             let blob = crate::encode_tuned(t.view(), Profile::KvMid, tuning).unwrap();
             crate::Container::parse(&blob).unwrap().header().params[0]
         };
-        // 100 tokens in 25-token streams: rows of 25 or 50 tokens need format 2, one row
-        // of 100 (or none) does not.
-        assert_eq!(format(&with_rows(Profile::KvMid, 0, true)), FORMAT_V1);
-        assert_eq!(format(&with_rows(Profile::KvMid, 25, true)), FORMAT_V2);
-        assert_eq!(format(&with_rows(Profile::KvMid, 50, false)), FORMAT_V2);
-        assert_eq!(format(&with_rows(Profile::KvMid, 100, true)), FORMAT_V1);
-        assert_eq!(format(&with_rows(Profile::KvMid, 400, true)), FORMAT_V1);
-        // The profiles' own tuning: no rows under KEY_ROWS_MIN_TOKENS tokens, rows from it.
-        let own = KvTuning::of(Profile::KvMid).unwrap();
-        let fmt_of = |tokens: u32| {
+        // Without exceptions, 100 tokens in 25-token streams: rows of 25 or 50 tokens need
+        // format 2, one row of 100 (or none) does not.
+        let plain = |rows: u32, per_row: bool| with_rows(Profile::KvMid, rows, per_row);
+        assert_eq!(format(&plain(0, true)), FORMAT_V1);
+        assert_eq!(format(&plain(25, true)), FORMAT_V2);
+        assert_eq!(format(&plain(50, false)), FORMAT_V2);
+        assert_eq!(format(&plain(100, true)), FORMAT_V1);
+        assert_eq!(format(&plain(400, true)), FORMAT_V1);
+        // A chunk that starts its sequence (exception rows) is format 3 with or without
+        // rows; no rows under KEY_ROWS_MIN_TOKENS tokens, rows from it.
+        let kind_of = |tokens: u32| {
             let t = wide(1, tokens, 1, 16, 4);
-            let blob = crate::encode_tuned(t.view(), Profile::KvMid, &own).unwrap();
-            crate::Container::parse(&blob).unwrap().header().params[0]
+            let options = crate::EncodeOptions {
+                tuning: None,
+                starts_sequence: true,
+            };
+            let blob = crate::encode_with(t.view(), Profile::KvMid, options).unwrap();
+            let plan = crate::plan::DecodePlan::of_container(&blob, None).unwrap();
+            (
+                crate::Container::parse(&blob).unwrap().header().params[0],
+                plan.rans.parts[0].group_kind,
+            )
         };
-        assert_eq!(fmt_of(256), FORMAT_V1);
-        assert_eq!(fmt_of(KEY_ROWS_MIN_TOKENS - 1), FORMAT_V1);
-        assert_eq!(fmt_of(KEY_ROWS_MIN_TOKENS), FORMAT_V2);
+        let (channels, rows) = (GroupKind::Channels as u32, GroupKind::Rows as u32);
+        assert_eq!(kind_of(256), (FORMAT_V3, channels));
+        assert_eq!(kind_of(KEY_ROWS_MIN_TOKENS - 1), (FORMAT_V3, channels));
+        assert_eq!(kind_of(KEY_ROWS_MIN_TOKENS), (FORMAT_V3, rows));
         // A format-2 payload under a format-1 header is refused, by the planner too.
-        let mut blob =
-            crate::encode_tuned(t.view(), Profile::KvMid, &with_rows(Profile::KvMid, 25, true)).unwrap();
+        let mut blob = crate::encode_tuned(t.view(), Profile::KvMid, &plain(25, true)).unwrap();
         assert_eq!(blob[40], FORMAT_V2);
         blob[40] = FORMAT_V1;
         fix_checksum(&mut blob);
@@ -1921,6 +2191,107 @@ mod tests {
         }
     }
 
+    /// A chunk whose token 0 has keys far from the others (an attention sink): its key
+    /// rows are stored exactly (format 3) in every layer, every decoder path and the plan
+    /// agree, the other tokens err less than with the sink quantized among them, and a
+    /// hostile exception list is refused.
+    #[test]
+    fn sink_tokens_are_stored_exactly() {
+        let base = wide(2, 64, 2, 8, 11);
+        let (c, t) = (16usize, 64usize);
+        let mut x = decoded_f32(&crate::encode(base.view(), Profile::Lossless).unwrap());
+        for layer in 0..2 {
+            for ch in 0..c {
+                x[layer * 2 * t * c + ch] = 60.0 + 7.0 * ch as f32;
+            }
+        }
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let sink = crate::KvTensor::new(base.shape(), Dtype::F32, bytes).unwrap();
+        let own = KvTuning::of(Profile::KvMid).unwrap();
+        let first = |tuning: &KvTuning| {
+            let options = crate::EncodeOptions {
+                tuning: Some(tuning),
+                starts_sequence: true,
+            };
+            crate::encode_with(sink.view(), Profile::KvMid, options).unwrap()
+        };
+        let blob = first(&own);
+        assert_eq!(
+            crate::Container::parse(&blob).unwrap().header().params[0],
+            FORMAT_V3
+        );
+        let rows_of = |blob: &[u8]| -> Vec<(u32, u32, u32)> {
+            let plan = crate::plan::DecodePlan::of_container(blob, None).unwrap();
+            plan.rans
+                .exact_rows
+                .iter()
+                .map(|e| (e.out_slot, e.token, e.dtype))
+                .collect()
+        };
+        // Token 0 of both key parts; values too only when the tuning says so.
+        let f32_id = Dtype::F32 as u32;
+        assert_eq!(rows_of(&blob), [(0, 0, f32_id), (2, 0, f32_id)]);
+        let with_values = KvTuning {
+            sink_tokens: 2,
+            sink_values: true,
+            ..own.clone()
+        };
+        let both = first(&with_values);
+        assert_eq!(rows_of(&both).len(), 8);
+        check_bound(&with_values, &both, &x, &decoded_f32(&both)).unwrap();
+        // A chunk further into its sequence has no sink: no exception rows, format 1.
+        let later = crate::encode(sink.view(), Profile::KvMid).unwrap();
+        assert_eq!(
+            crate::Container::parse(&later).unwrap().header().params[0],
+            FORMAT_V1
+        );
+        assert!(rows_of(&later).is_empty());
+        let y = decoded_f32(&blob);
+        check_bound(&own, &blob, &x, &y).unwrap();
+        for dtype in Dtype::ALL.iter().copied() {
+            let n = sink.shape().byte_len(dtype).unwrap();
+            let mut out = vec![0u8; n];
+            crate::decode_into(&blob, dtype, &mut out).unwrap();
+            for simd in [false, true] {
+                let layers: Vec<u8> = decode_layers(&blob, dtype, simd)
+                    .into_iter()
+                    .flat_map(|l| l.unwrap())
+                    .collect();
+                assert_eq!(layers, out, "{dtype:?}, vector decoder {simd}");
+            }
+        }
+        // The other tokens' keys: closer than with the sink among the quantized tokens.
+        let without = KvTuning {
+            sink_tokens: 0,
+            ..own.clone()
+        };
+        let plain = first(&without);
+        let key_err = |y: &[f32]| -> f64 {
+            (0..2)
+                .flat_map(|l| (l * 2 * t * c + c)..(l * 2 + 1) * t * c)
+                .map(|i| f64::from(x[i] - y[i]).powi(2))
+                .sum()
+        };
+        assert!(key_err(&y) < 0.5 * key_err(&decoded_f32(&plain)));
+        // Hostile lists: the first part's count, dtype id and token, each out of range.
+        let at = {
+            let c = crate::Container::parse(&blob).unwrap();
+            c.layer_payload(0).as_ptr() as usize - blob.as_ptr() as usize
+        };
+        // Layer 0's keys: one exception, token 0, in f32.
+        assert_eq!(&blob[at..at + 3], &[1, Dtype::F32 as u8, 0]);
+        for (off, v) in [(0, 100u8), (1, 9), (2, 64), (2, 70)] {
+            let mut bad = blob.clone();
+            bad[at + off] = v;
+            fix_checksum(&mut bad);
+            assert!(
+                matches!(crate::decode(&bad), Err(CodecError::Corrupt(_))),
+                "byte {off} = {v}"
+            );
+            assert!(crate::plan::DecodePlan::of_container(&bad, None).is_err());
+        }
+    }
+
     #[test]
     fn params_are_checked() {
         assert_eq!(
@@ -1931,9 +2302,13 @@ mod tests {
             parse_params(&[2, 12, 8, 41, 0]),
             Ok(Params { format: 2, block: 41 })
         );
+        assert_eq!(
+            parse_params(&[3, 12, 8, 8, 0]),
+            Ok(Params { format: 3, block: 8 })
+        );
         for bad in [
             &[][..],
-            &[3, 12, 8, 32, 0],
+            &[4, 12, 8, 32, 0],
             &[0, 12, 8, 32, 0],
             &[1, 11, 8, 32, 0],
             &[1, 12, 4, 32, 0],

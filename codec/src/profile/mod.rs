@@ -121,13 +121,14 @@ impl Profile {
         self,
         view: &KvView<'_>,
         tuning: Option<&kv::KvTuning>,
+        starts_sequence: bool,
     ) -> Result<Vec<u8>, CodecError> {
         match self {
             // These profiles keep everything they need in the layer payloads.
             Profile::Lossless | Profile::Q8 | Profile::CachegenBaseline => Ok(Vec::new()),
             Profile::KvHi | Profile::KvMid | Profile::KvLo => match tuning {
-                Some(t) => kv::params(t, view),
-                None => kv::params(&self.kv_tuning()?, view),
+                Some(t) => kv::params(t, view, starts_sequence),
+                None => kv::params(&self.kv_tuning()?, view, starts_sequence),
             },
         }
     }
@@ -218,6 +219,8 @@ pub(crate) struct LayerGeom {
     pub(crate) tokens: usize,
     /// Channels per token: `kv_heads * head_dim`.
     pub(crate) channels: usize,
+    /// The chunk's first token is its sequence's first (for the encoder's sink tokens).
+    pub(crate) starts_sequence: bool,
 }
 
 impl LayerGeom {

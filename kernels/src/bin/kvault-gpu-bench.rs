@@ -48,6 +48,14 @@ fn args() -> Result<Args> {
     Ok(a)
 }
 
+/// Encoder options of a prefix's chunk `i`: chunk 0 starts the sequence (its sink token).
+fn first_chunk(i: usize) -> kvault_codec::EncodeOptions<'static> {
+    kvault_codec::EncodeOptions {
+        tuning: None,
+        starts_sequence: i == 0,
+    }
+}
+
 fn secs<F: FnMut() -> Result<()>>(iters: usize, mut f: F) -> Result<f64> {
     f()?; // warm-up
     let t0 = Instant::now();
@@ -129,7 +137,8 @@ fn main() -> Result<()> {
         for &profile in GPU_PROFILES {
             let blobs: Vec<Vec<u8>> = chunks
                 .par_iter()
-                .map(|c| kvault_codec::encode(c.view(), profile))
+                .enumerate()
+                .map(|(i, c)| kvault_codec::encode_with(c.view(), profile, first_chunk(i)))
                 .collect::<Result<_, _>>()?;
             let compressed: usize = blobs.iter().map(|b| b.len()).sum();
             // CPU reference, then the GPU output compared bit for bit.
