@@ -34,6 +34,11 @@ fuzz_target!(|data: &[u8]| {
             assert!((p.first_stream + p.stream_count) as usize <= plan.rans.streams.len());
             assert!((p.group_start as usize) < plan.rans.steps.len().max(1));
         }
+        for e in &plan.rans.exact_rows {
+            let size = if e.dtype == Dtype::F32 as u32 { 4 } else { 2 };
+            assert!(e.data_offset + u64::from(plan.channels) * size <= len);
+            assert!(e.token < plan.tokens && e.out_slot < 2 * plan.layers);
+        }
         for p in &plan.q8.parts {
             let n = u64::from(p.tokens) * u64::from(plan.channels);
             assert!(p.data_offset + n <= len);

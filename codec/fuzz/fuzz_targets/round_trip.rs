@@ -1,11 +1,11 @@
 //! Encodes arbitrary tensors with every profile: encoding must never panic, and whatever
 //! encodes must decode (into every dtype) and slice. Bytes 0..4 pick the shape, the rest
 //! are f32 elements (NaNs and infinities included: lossy profiles must refuse them with
-//! an error). Run with `cargo fuzz run round_trip` from `codec/`.
+//! an error); the high bit of byte 0 encodes the chunk as the start of its sequence. Run with `cargo fuzz run round_trip` from `codec/`.
 
 #![no_main]
 
-use kvault_codec::{Dtype, KvShape, KvView, Profile, decode, decode_into, encode, slice_layers};
+use kvault_codec::{Dtype, EncodeOptions, KvShape, KvView, Profile, decode, decode_into, encode_with, slice_layers};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -29,8 +29,13 @@ fuzz_target!(|data: &[u8]| {
     let Ok(view) = KvView::new(shape, Dtype::F32, &elems) else {
         return;
     };
+    // The high bit of byte 0: a chunk that starts its sequence (kv-* exception rows).
+    let options = EncodeOptions {
+        tuning: None,
+        starts_sequence: dims[0] & 0x80 != 0,
+    };
     for &profile in Profile::ALL {
-        let Ok(blob) = encode(view, profile) else {
+        let Ok(blob) = encode_with(view, profile, options) else {
             assert!(!profile.is_lossless(), "lossless must encode anything");
             continue;
         };

@@ -561,6 +561,10 @@ fn encode_parts(job: &Parts<'_>, scratch: &mut Scratch, out: &mut Vec<u8>) -> Re
             if let Some(sinks) = sinks {
                 let sinks = if is_value && !tuning.sink_values { 0 } else { sinks };
                 let picked: Vec<usize> = (0..sinks).collect();
+                // Stored rows skip the statistics, which refuse non-finite elements.
+                if part[..sinks * c].iter().any(|x| !x.is_finite()) {
+                    return Err(unencodable("a non-finite element"));
+                }
                 let size = dtype.size();
                 let src = &layer[i * n * size..(i + 1) * n * size];
                 put_exceptions(out, &picked, src, dtype, c);
@@ -2273,6 +2277,19 @@ mod tests {
                 .sum()
         };
         assert!(key_err(&y) < 0.5 * key_err(&decoded_f32(&plain)));
+        // A non-finite sink is refused like any other non-finite element.
+        let mut bad = x.clone();
+        bad[3] = f32::INFINITY;
+        let bytes: Vec<u8> = bad.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bad = crate::KvTensor::new(base.shape(), Dtype::F32, bytes).unwrap();
+        let options = crate::EncodeOptions {
+            tuning: None,
+            starts_sequence: true,
+        };
+        assert!(matches!(
+            crate::encode_with(bad.view(), Profile::KvMid, options),
+            Err(CodecError::Unencodable { .. })
+        ));
         // Hostile lists: the first part's count, dtype id and token, each out of range.
         let at = {
             let c = crate::Container::parse(&blob).unwrap();
