@@ -177,10 +177,7 @@ pub(crate) async fn put_prefix<S: crate::ChunkStore>(
         let t1 = (t0 + ct).min(s.tokens);
         let chunk = slice_tokens(kv, t0, t1)?;
         // Chunk 0 holds the sequence's first token, the attention sink.
-        let options = kvault_codec::EncodeOptions {
-            tuning: None,
-            starts_sequence: i == 0,
-        };
+        let options = kvault_codec::EncodeOptions::sequence_start(i == 0);
         let blob = cpu_bound(|| kvault_codec::encode_with(chunk.view(), profile, options))?;
         summary.stored_bytes += blob.len() as u64;
         blobs.push(bytes::Bytes::from(blob));

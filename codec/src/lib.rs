@@ -55,6 +55,17 @@ pub struct EncodeOptions<'a> {
     pub starts_sequence: bool,
 }
 
+impl EncodeOptions<'static> {
+    /// The profile's own choices, for a chunk that starts its sequence or not (chunk 0 of
+    /// a prefix does).
+    pub fn sequence_start(starts_sequence: bool) -> Self {
+        EncodeOptions {
+            tuning: None,
+            starts_sequence,
+        }
+    }
+}
+
 /// Encodes like [`encode`] (or [`encode_tuned`] with a tuning), with what `options` tell
 /// about the chunk.
 pub fn encode_with(
@@ -62,13 +73,15 @@ pub fn encode_with(
     profile: Profile,
     options: EncodeOptions<'_>,
 ) -> Result<Vec<u8>, CodecError> {
-    match options.tuning {
-        Some(t) => {
-            check_tuning(profile, t)?;
-            encode_inner(view, profile, Some(t), options.starts_sequence)
+    if let Some(t) = options.tuning {
+        if KvTuning::of(profile).is_none() {
+            return Err(CodecError::UnknownProfile(format!(
+                "{profile} takes no kv tuning"
+            )));
         }
-        None => encode_inner(view, profile, None, options.starts_sequence),
+        t.check()?;
     }
+    encode_inner(view, profile, options.tuning, options.starts_sequence)
 }
 
 /// Encodes like [`encode`] with a `kv-*` profile but the encoder's choices of `tuning`
@@ -76,18 +89,11 @@ pub fn encode_with(
 /// decoders as any other of that profile. Fails for profiles that are not `kv-*` and for
 /// a tuning out of range.
 pub fn encode_tuned(view: KvView<'_>, profile: Profile, tuning: &KvTuning) -> Result<Vec<u8>, CodecError> {
-    check_tuning(profile, tuning)?;
-    encode_inner(view, profile, Some(tuning), false)
-}
-
-/// Errors unless `profile` takes a kv tuning and `tuning` is in range.
-fn check_tuning(profile: Profile, tuning: &KvTuning) -> Result<(), CodecError> {
-    if KvTuning::of(profile).is_none() {
-        return Err(CodecError::UnknownProfile(format!(
-            "{profile} takes no kv tuning"
-        )));
-    }
-    tuning.check()
+    let options = EncodeOptions {
+        tuning: Some(tuning),
+        starts_sequence: false,
+    };
+    encode_with(view, profile, options)
 }
 
 fn encode_inner(

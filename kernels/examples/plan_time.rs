@@ -48,10 +48,7 @@ fn main() {
             .par_iter()
             .enumerate()
             .map(|(i, c)| {
-                let options = kvault_codec::EncodeOptions {
-                    tuning: None,
-                    starts_sequence: i == 0,
-                };
+                let options = kvault_codec::EncodeOptions::sequence_start(i == 0);
                 kvault_codec::encode_with(c.view(), p, options).expect("encode")
             })
             .collect();

@@ -4,6 +4,7 @@
 //! (tests/gpu_parity.rs, run on a machine with a GPU) check the kernels themselves.
 
 use half::{bf16, f16};
+use kvault_codec::Dtype;
 use kvault_codec::plan::DecodePlan;
 
 use crate::{OutDtype, OutLayout};
@@ -128,14 +129,19 @@ pub(crate) fn run(
 
     // exact_rows, after the streams (a later launch on the same stream).
     for e in &r.exact_rows {
-        let size = if e.dtype == 3 { 4 } else { 2 };
-        let src = &input[e.data_offset as usize..][..(c * size) as usize];
+        // The planner only emits rows of a known dtype.
+        let Ok(dtype) = Dtype::from_u8(e.dtype as u8) else {
+            bad = true;
+            continue;
+        };
+        let size = dtype.size();
+        let src = &input[e.data_offset as usize..][..c as usize * size];
         for ch in 0..c {
-            let b = &src[(ch * size) as usize..][..size as usize];
-            let v = match e.dtype {
-                1 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
-                2 => bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
-                _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            let b = &src[ch as usize * size..][..size];
+            let v = match dtype {
+                Dtype::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+                Dtype::Bf16 => bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+                Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
             };
             store(row(e.out_slot, e.token) + u64::from(ch) * es, v);
         }

@@ -90,41 +90,37 @@ fn parse_tuning(s: &str) -> Result<KvTuning, String> {
     if let Some(&p) = f.get(4) {
         t.value_power = p;
     }
-    if let Some(&r) = f.get(5) {
-        if !(0.0..=65535.0).contains(&r) || r.fract() != 0.0 {
-            return Err(format!(
-                "{s:?}: KEY_ROWS must be a whole number of tokens up to 65535"
-            ));
+    // A whole number of at most `max`, or a 0/1 switch, at field `i`.
+    let whole = |i: usize, max: f64, what: &str| -> Result<Option<u32>, String> {
+        match f.get(i) {
+            Some(&v) if !(0.0..=max).contains(&v) || v.fract() != 0.0 => {
+                Err(format!("{s:?}: {what} up to {max}"))
+            }
+            v => Ok(v.map(|&v| v as u32)),
         }
-        t.key_group_tokens = r as u32;
-    }
-    if let Some(&r) = f.get(6) {
-        t.key_step_per_row = match r {
-            0.0 => false,
-            1.0 => true,
-            _ => return Err(format!("{s:?}: ROW_STEPS must be 0 or 1")),
-        };
-    }
-    if let Some(&r) = f.get(7) {
-        if !(0.0..=65535.0).contains(&r) || r.fract() != 0.0 {
-            return Err(format!(
-                "{s:?}: ROWS_FROM must be a whole number of tokens up to 65535"
-            ));
+    };
+    let switch = |i: usize, what: &str| -> Result<Option<bool>, String> {
+        match f.get(i) {
+            None => Ok(None),
+            Some(0.0) => Ok(Some(false)),
+            Some(1.0) => Ok(Some(true)),
+            Some(_) => Err(format!("{s:?}: {what} must be 0 or 1")),
         }
-        t.key_rows_min_tokens = r as u32;
+    };
+    if let Some(r) = whole(5, 65535.0, "KEY_ROWS must be a whole number of tokens")? {
+        t.key_group_tokens = r;
     }
-    if let Some(&n) = f.get(8) {
-        if !(0.0..=64.0).contains(&n) || n.fract() != 0.0 {
-            return Err(format!("{s:?}: SINKS must be a whole number of tokens up to 64"));
-        }
-        t.sink_tokens = n as u32;
+    if let Some(b) = switch(6, "ROW_STEPS")? {
+        t.key_step_per_row = b;
     }
-    if let Some(&v) = f.get(9) {
-        t.sink_values = match v {
-            0.0 => false,
-            1.0 => true,
-            _ => return Err(format!("{s:?}: SINK_VALUES must be 0 or 1")),
-        };
+    if let Some(r) = whole(7, 65535.0, "ROWS_FROM must be a whole number of tokens")? {
+        t.key_rows_min_tokens = r;
+    }
+    if let Some(n) = whole(8, 64.0, "SINKS must be a whole number of tokens")? {
+        t.sink_tokens = n;
+    }
+    if let Some(b) = switch(9, "SINK_VALUES")? {
+        t.sink_values = b;
     }
     Ok(t)
 }

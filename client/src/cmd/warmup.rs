@@ -271,10 +271,7 @@ async fn warm_one(
         report.prefill_secs += p0.elapsed().as_secs_f64();
         report.tokens_prefilled += t1 - t0;
         // Chunk 0 holds the document's first token, the attention sink.
-        let options = kvault_codec::EncodeOptions {
-            tuning: None,
-            starts_sequence: i == 0,
-        };
+        let options = kvault_codec::EncodeOptions::sequence_start(i == 0);
         let blob = cpu(|| kvault_codec::encode_with(chunk.view(), profile, options))?;
         report.bytes_stored += blob.len() as u64;
         report.fp16_bytes += (chunk.data().len() / layout.dtype.size() * 2) as u64;

@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
             assert!((p.group_start as usize) < plan.rans.steps.len().max(1));
         }
         for e in &plan.rans.exact_rows {
-            let size = if e.dtype == Dtype::F32 as u32 { 4 } else { 2 };
+            let size = Dtype::from_u8(e.dtype as u8).expect("a planned row's dtype").size() as u64;
             assert!(e.data_offset + u64::from(plan.channels) * size <= len);
             assert!(e.token < plan.tokens && e.out_slot < 2 * plan.layers);
         }

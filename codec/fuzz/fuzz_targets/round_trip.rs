@@ -30,10 +30,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // The high bit of byte 0: a chunk that starts its sequence (kv-* exception rows).
-    let options = EncodeOptions {
-        tuning: None,
-        starts_sequence: dims[0] & 0x80 != 0,
-    };
+    let options = EncodeOptions::sequence_start(dims[0] & 0x80 != 0);
     for &profile in Profile::ALL {
         let Ok(blob) = encode_with(view, profile, options) else {
             assert!(!profile.is_lossless(), "lossless must encode anything");

@@ -560,16 +560,14 @@ fn encode_parts(job: &Parts<'_>, scratch: &mut Scratch, out: &mut Vec<u8>) -> Re
             let mut part = part;
             if let Some(sinks) = sinks {
                 let sinks = if is_value && !tuning.sink_values { 0 } else { sinks };
-                let picked: Vec<usize> = (0..sinks).collect();
                 // Stored rows skip the statistics, which refuse non-finite elements.
                 if part[..sinks * c].iter().any(|x| !x.is_finite()) {
                     return Err(unencodable("a non-finite element"));
                 }
                 let size = dtype.size();
-                let src = &layer[i * n * size..(i + 1) * n * size];
-                put_exceptions(out, &picked, src, dtype, c);
-                if !picked.is_empty() {
-                    part = stand_ins(part, c, &picked, &mut replaced);
+                put_exceptions(out, sinks, &layer[i * n * size..], dtype, c);
+                if sinks > 0 {
+                    part = stand_ins(part, c, sinks, &mut replaced);
                 }
             }
             match rows {
@@ -605,54 +603,39 @@ fn encode_parts(job: &Parts<'_>, scratch: &mut Scratch, out: &mut Vec<u8>) -> Re
     }
 }
 
-/// Appends a part's exception list (format 3): the count, and when there are any the
-/// source dtype id, the first token and the gaps between the following ones (varints),
-/// then their rows' source bytes.
-fn put_exceptions(out: &mut Vec<u8>, picked: &[usize], src: &[u8], dtype: Dtype, c: usize) {
-    put_varint(out, picked.len() as u32);
-    if picked.is_empty() {
+/// Appends a part's exception list (format 3) for its first `n` tokens: the count, and
+/// when there are any the source dtype id, the first token (0) and the gaps between the
+/// following ones (all 0: varints), then their rows' source bytes, the first of `src`.
+fn put_exceptions(out: &mut Vec<u8>, n: usize, src: &[u8], dtype: Dtype, c: usize) {
+    put_varint(out, n as u32);
+    if n == 0 {
         return;
     }
     out.push(dtype as u8);
-    let mut next = 0;
-    for &ti in picked {
-        put_varint(out, (ti - next) as u32);
-        next = ti + 1;
-    }
-    let row = c * dtype.size();
-    for &ti in picked {
-        out.extend_from_slice(&src[ti * row..(ti + 1) * row]);
-    }
+    out.extend(std::iter::repeat_n(0u8, n));
+    out.extend_from_slice(&src[..n * c * dtype.size()]);
 }
 
-/// `part` with the rows of the exception tokens `picked` replaced by their nearest other
-/// row (the previous one, else the next), in `buf`: they then cost the residuals of an
-/// ordinary token and leave the statistics as they would be without them.
-fn stand_ins<'b>(part: &[f32], c: usize, picked: &[usize], buf: &'b mut Vec<f32>) -> &'b [f32] {
+/// `part` with the rows of its first `n` tokens (the stored exceptions) replaced by row
+/// `n`, in `buf`: they then cost the residuals of an ordinary token and leave the
+/// statistics as they would be without them.
+fn stand_ins<'b>(part: &[f32], c: usize, n: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
     buf.clear();
     buf.extend_from_slice(part);
-    let t = part.len() / c;
-    let is_picked = |ti: usize| picked.binary_search(&ti).is_ok();
-    for &ti in picked {
-        let from = (0..ti)
-            .rev()
-            .find(|&s| !is_picked(s))
-            .or_else(|| (ti + 1..t).find(|&s| !is_picked(s)));
-        if let Some(s) = from {
-            buf.copy_within(s * c..(s + 1) * c, ti * c);
-        }
+    for ti in 0..n {
+        buf.copy_within(n * c..(n + 1) * c, ti * c);
     }
     buf
 }
 
 /// A part's exception tokens as read from its payload (format 3).
-pub(crate) struct Exceptions<'a> {
+struct Exceptions<'a> {
     /// Dtype of the stored rows.
-    pub(crate) dtype: Dtype,
+    dtype: Dtype,
     /// Tokens, increasing, each below the chunk's token count.
-    pub(crate) tokens: Vec<usize>,
+    tokens: Vec<usize>,
     /// `tokens.len()` rows of `channels` elements of `dtype`.
-    pub(crate) rows: &'a [u8],
+    rows: &'a [u8],
 }
 
 /// Reads a part's exception list (nothing before format 3), checking every token and
@@ -1288,7 +1271,11 @@ fn decode_layer_with(
     let mut dtable = scratch.dtable.take().unwrap_or_default();
     let result = (|| {
         for out_part in out.chunks_exact_mut(n * out_dtype.size()) {
+            // A part: its exception list (format 3), its streams, then the stored rows
+            // written over what the streams decoded there.
+            let exceptions = read_exceptions(&mut r, p, t, c)?;
             decode_part(&mut r, p, t, c, out_dtype, out_part, &mut dtable, scratch, simd)?;
+            exceptions.write(c, out_dtype, out_part, &mut scratch.f32s, &mut scratch.halfs);
         }
         r.finish()
     })();
@@ -1296,27 +1283,9 @@ fn decode_layer_with(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-fn decode_part(
-    r: &mut PayloadReader<'_>,
-    p: Params,
-    t: usize,
-    c: usize,
-    out_dtype: Dtype,
-    out: &mut [u8],
-    dtable: &mut DecodeTable,
-    scratch: &mut Scratch,
-    simd: bool,
-) -> Result<(), CodecError> {
-    let exceptions = read_exceptions(r, p, t, c)?;
-    decode_streams(r, p, t, c, out_dtype, out, dtable, scratch, simd)?;
-    exceptions.write(c, out_dtype, out, &mut scratch.f32s, &mut scratch.halfs);
-    Ok(())
-}
-
 /// A part's header and streams (everything after its exception list), decoded into `out`.
 #[allow(clippy::too_many_arguments)]
-fn decode_streams(
+fn decode_part(
     r: &mut PayloadReader<'_>,
     p: Params,
     t: usize,
@@ -1738,7 +1707,7 @@ mod tests {
             let xp = if picked.is_empty() {
                 x_part
             } else {
-                stand_ins(x_part, c, &picked, &mut buf)
+                stand_ins(x_part, c, picked.len(), &mut buf)
             };
             let variance = |idx: &[usize]| {
                 let n = idx.len() as f64;
@@ -2121,10 +2090,7 @@ mod tests {
         // rows; no rows under KEY_ROWS_MIN_TOKENS tokens, rows from it.
         let kind_of = |tokens: u32| {
             let t = wide(1, tokens, 1, 16, 4);
-            let options = crate::EncodeOptions {
-                tuning: None,
-                starts_sequence: true,
-            };
+            let options = crate::EncodeOptions::sequence_start(true);
             let blob = crate::encode_with(t.view(), Profile::KvMid, options).unwrap();
             let plan = crate::plan::DecodePlan::of_container(&blob, None).unwrap();
             (
@@ -2282,10 +2248,7 @@ mod tests {
         bad[3] = f32::INFINITY;
         let bytes: Vec<u8> = bad.iter().flat_map(|v| v.to_le_bytes()).collect();
         let bad = crate::KvTensor::new(base.shape(), Dtype::F32, bytes).unwrap();
-        let options = crate::EncodeOptions {
-            tuning: None,
-            starts_sequence: true,
-        };
+        let options = crate::EncodeOptions::sequence_start(true);
         assert!(matches!(
             crate::encode_with(bad.view(), Profile::KvMid, options),
             Err(CodecError::Unencodable { .. })

@@ -48,14 +48,6 @@ fn args() -> Result<Args> {
     Ok(a)
 }
 
-/// Encoder options of a prefix's chunk `i`: chunk 0 starts the sequence (its sink token).
-fn first_chunk(i: usize) -> kvault_codec::EncodeOptions<'static> {
-    kvault_codec::EncodeOptions {
-        tuning: None,
-        starts_sequence: i == 0,
-    }
-}
-
 fn secs<F: FnMut() -> Result<()>>(iters: usize, mut f: F) -> Result<f64> {
     f()?; // warm-up
     let t0 = Instant::now();
@@ -138,7 +130,13 @@ fn main() -> Result<()> {
             let blobs: Vec<Vec<u8>> = chunks
                 .par_iter()
                 .enumerate()
-                .map(|(i, c)| kvault_codec::encode_with(c.view(), profile, first_chunk(i)))
+                .map(|(i, c)| {
+                    kvault_codec::encode_with(
+                        c.view(),
+                        profile,
+                        kvault_codec::EncodeOptions::sequence_start(i == 0),
+                    )
+                })
                 .collect::<Result<_, _>>()?;
             let compressed: usize = blobs.iter().map(|b| b.len()).sum();
             // CPU reference, then the GPU output compared bit for bit.
