@@ -52,7 +52,7 @@ impl Family {
     }
 }
 
-/// One K or V part of one layer of one chunk in a rANS plan (32 bytes).
+/// One K or V part of one layer of one chunk in a rANS plan (40 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RansPart {
@@ -77,7 +77,19 @@ pub struct RansPart {
     /// Tokens per row of groups when `group_kind` is 2 (a multiple of the streams'
     /// tokens), 0 otherwise.
     pub group_tokens: u32,
+    /// A predicted part (payload format 4): index of its `channels` weights in
+    /// [`RansPlan::rho`]; [`NOT_PREDICTED`] otherwise. In a predicted part every symbol
+    /// `s` that is not an escape decodes to `(s + bias + pred) * step` (i32 wrapping adds),
+    /// `pred = (ρ8 · state + 4) >> 3` from its channel's state: the previous token's
+    /// `s − M + pred` in the same stream, clamped to ±127; 0 at the stream's first token
+    /// and after an escape. Escapes decode as in other parts.
+    pub rho_start: u32,
+    /// Reserved (zero).
+    pub reserved: u32,
 }
+
+/// [`RansPart::rho_start`] of a part whose residuals are not predicted.
+pub const NOT_PREDICTED: u32 = u32::MAX;
 
 /// One rANS stream (a block of tokens of one part) in a rANS plan (32 bytes).
 #[repr(C)]
@@ -137,6 +149,8 @@ pub struct RansPlan {
     /// Rows stored exactly, to be written after the streams are decoded (each row's
     /// element converted exactly to f32, then rounded to the output dtype).
     pub exact_rows: Vec<ExactRow>,
+    /// Prediction weights `ρ8` (`0..=8`) of the predicted parts, `channels` per part.
+    pub rho: Vec<u8>,
 }
 
 /// One part of a q8 plan (24 bytes).
@@ -287,6 +301,7 @@ impl DecodePlan {
         rans.biases.clear();
         rans.escapes.clear();
         rans.exact_rows.clear();
+        rans.rho.clear();
         q8.parts.clear();
         q8.lo_step.clear();
         cachegen.parts.clear();
@@ -396,6 +411,7 @@ impl DecodePlan {
         count(self.rans.steps.len(), other.rans.steps.len())?;
         count(self.rans.escapes.len(), other.rans.escapes.len())?;
         count(self.rans.exact_rows.len(), other.rans.exact_rows.len())?;
+        count(self.rans.rho.len(), other.rans.rho.len())?;
         count(self.q8.lo_step.len(), other.q8.lo_step.len())?;
         count(self.cachegen.parts.len(), other.cachegen.parts.len())?;
         count(self.cachegen.scales.len(), other.cachegen.scales.len())?;
@@ -406,11 +422,17 @@ impl DecodePlan {
             idx(self.rans.escapes.len())?,
         );
         let rs = idx(self.rans.streams.len())?;
+        let rr = idx(self.rans.rho.len())?;
         count(self.rans.streams.len(), other.rans.streams.len())?;
         self.rans.parts.extend(other.rans.parts.iter().map(|p| RansPart {
             group_start: p.group_start + rg,
             first_stream: p.first_stream + rs,
             token_offset: p.token_offset + token_offset,
+            rho_start: if p.rho_start == NOT_PREDICTED {
+                NOT_PREDICTED
+            } else {
+                p.rho_start + rr
+            },
             ..*p
         }));
         self.rans
@@ -425,6 +447,7 @@ impl DecodePlan {
         self.rans.steps.extend(&other.rans.steps);
         self.rans.biases.extend(&other.rans.biases);
         self.rans.escapes.extend(&other.rans.escapes);
+        self.rans.rho.extend(&other.rans.rho);
         self.rans
             .exact_rows
             .extend(other.rans.exact_rows.iter().map(|e| ExactRow {
@@ -526,7 +549,7 @@ unsafe impl PlanRecord for u32 {}
 unsafe impl PlanRecord for f32 {}
 
 const _: () = {
-    assert!(std::mem::size_of::<RansPart>() == 32);
+    assert!(std::mem::size_of::<RansPart>() == 40);
     assert!(std::mem::size_of::<RansStream>() == 32);
     assert!(std::mem::size_of::<ExactRow>() == 24);
     assert!(std::mem::size_of::<Q8Part>() == 24);

@@ -21,7 +21,12 @@ typedef long long i64;
 
 // group_kind: 0 groups are channels, 1 tokens, 2 (row of group_tokens tokens, channel):
 // group token / group_tokens * channels + channel, tokens counted from the part's first.
-struct RansPart { u32 out_slot, group_kind, group_start, m, token_offset, first_stream, stream_count, group_tokens; };
+// rho_start: index of a predicted part's `channels` weights in `rho`, 0xFFFFFFFF when not
+// predicted (codec/src/plan.rs, RansPart).
+struct RansPart {
+    u32 out_slot, group_kind, group_start, m, token_offset, first_stream, stream_count, group_tokens, rho_start,
+        reserved;
+};
 struct RansStream { u32 part, token_start, tokens, escape_start, escape_count, data_len; u64 data_offset; };
 struct Q8Part { u32 out_slot, token_offset, tokens, param_start; u64 data_offset; };
 struct CgPart { u32 out_slot, token_offset, scale_start, cdf_start, max, r0, r1, r2; };
@@ -120,9 +125,14 @@ __device__ __forceinline__ void rans_decode_impl(
     const u8* __restrict__ input, const RansStream* __restrict__ streams,
     const RansPart* __restrict__ parts, const u8* __restrict__ tables, const u16* __restrict__ freqs,
     const float* __restrict__ steps, const i32* __restrict__ biases, const i32* __restrict__ escapes,
-    const u64* __restrict__ slots, const i32* __restrict__ block_table, u32 block_size, u32 channels,
-    u32* err) {
+    const u8* __restrict__ rho, const u64* __restrict__ slots, const i32* __restrict__ block_table,
+    u32 block_size, u32 channels, u32* err) {
     __shared__ __align__(16) u8 sym_tab[4096];
+    // Predicted parts: the part's weights (`channels` bytes, rounded up to 4), then per
+    // stream of the round each channel's state (the previous token's residual, clamped to
+    // +-127), `channels + 4` bytes apart so that the four streams of a warp fall in
+    // different banks: `(blockDim.x / 8 + 1) * (channels + 4)` bytes at launch.
+    extern __shared__ signed char pstate[];
     __shared__ u32 fc[64];  // freq | cum << 16
     const u32 part = blockIdx.x;
     const RansPart p = parts[part];
@@ -147,6 +157,15 @@ __device__ __forceinline__ void rans_decode_impl(
     const bool per_token = p.group_kind == 1;
     const bool rows = p.group_kind == 2;
     const u64 slot_base = slots[p.out_slot];
+    const bool predicted = p.rho_start != 0xFFFFFFFFu;
+    const u8* wsh = (const u8*)pstate;
+    signed char* state = pstate + (u64)((threadIdx.x >> 3) + 1) * (channels + 4);
+    if (predicted) {
+        for (u32 j = threadIdx.x; j < channels; j += blockDim.x) ((u8*)pstate)[j] = rho[p.rho_start + j];
+        __syncthreads();
+    }
+    // With a multiple of eight channels each lane owns its channels' state.
+    const bool shared_state = predicted && (channels & 7u) != 0;
 
     for (u32 round = 0; round < p.stream_count; round += per_round) {
         const u32 local = round + (threadIdx.x >> 3);
@@ -187,6 +206,10 @@ __device__ __forceinline__ void rans_decode_impl(
             out = slot_base + ((u64)(u32)block_table[tok / block_size] * block_size + tok % block_size) * row_bytes +
                   (u64)ch * ES;
         }
+        if (predicted) {
+            for (u32 j = lane; j < channels; j += 8) state[j] = 0;
+            __syncwarp();
+        }
         const u32 my_steps = live ? (n + 7) >> 3 : 0u;
         const u32 trips = __reduce_max_sync(0xffffffffu, my_steps);
         for (u32 k = 0; k < trips; ++k) {
@@ -210,9 +233,15 @@ __device__ __forceinline__ void rans_decode_impl(
             const u32 eb = (__ballot_sync(0xffffffffu, esc) >> shift) & 0xFFu;
             if (act) {
                 float v;
+                i32 pred = 0;
+                if (predicted) {
+                    pred = ((i32)wsh[ch] * (i32)state[ch] + 4) >> 3;
+                    state[ch] = esc ? (signed char)0 : (signed char)max(-127, min(127, (i32)sym - (i32)p.m + pred));
+                }
                 if (!esc) {
-                    // (s + bias) wraps in i32 like the CPU's wrapping_add, then rounds to f32.
-                    v = __fmul_rn(__int2float_rn((i32)(sym + (u32)bias)), stp);
+                    // (s + bias + pred) wraps in i32 like the CPU's wrapping_add, then rounds
+                    // to f32.
+                    v = __fmul_rn(__int2float_rn((i32)(sym + (u32)bias + (u32)pred)), stp);
                 } else {
                     const u32 ord = esc_used + __popc(eb & below);
                     if (ord < st.escape_count) {
@@ -226,6 +255,9 @@ __device__ __forceinline__ void rans_decode_impl(
                 store_t<DT>(out, v);
             }
             esc_used += __popc(eb);
+            // A state written here may be read by another lane of the group next step
+            // (channel counts that are not a multiple of eight).
+            if (shared_state) __syncwarp();
             ch += 8;
             if (ch < channels) {
                 out += 8 * ES;
@@ -263,10 +295,10 @@ __device__ __forceinline__ void rans_decode_impl(
         const u8* __restrict__ input, const RansStream* __restrict__ streams,                                   \
         const RansPart* __restrict__ parts, const u8* __restrict__ tables, const u16* __restrict__ freqs,     \
         const float* __restrict__ steps, const i32* __restrict__ biases, const i32* __restrict__ escapes,     \
-        const u64* __restrict__ slots, const i32* __restrict__ block_table, u32 block_size, u32 channels,     \
-        u32* err) {                                                                                              \
-        rans_decode_impl<DT>(input, streams, parts, tables, freqs, steps, biases, escapes, slots, block_table, \
-                             block_size, channels, err);                                                        \
+        const u8* __restrict__ rho, const u64* __restrict__ slots, const i32* __restrict__ block_table,       \
+        u32 block_size, u32 channels, u32* err) {                                                                \
+        rans_decode_impl<DT>(input, streams, parts, tables, freqs, steps, biases, escapes, rho, slots,        \
+                             block_table, block_size, channels, err);                                           \
     }
 RANS_DECODE(rans_decode_f16, OUT_F16)
 RANS_DECODE(rans_decode_bf16, OUT_BF16)

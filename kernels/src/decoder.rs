@@ -8,7 +8,7 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
     DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg, sys,
 };
-use kvault_codec::plan::{DecodePlan, as_bytes};
+use kvault_codec::plan::{DecodePlan, NOT_PREDICTED, as_bytes};
 use rayon::prelude::*;
 
 use crate::compile::decode_ptx;
@@ -109,6 +109,9 @@ const MIN_GROUP_BYTES: usize = 8 << 20;
 
 /// Section alignment inside the uploaded plan buffer.
 const ALIGN: usize = 256;
+/// Shared memory the rANS kernel may use for predicted parts' state (the default limit
+/// less the kernel's 4.3 KiB of tables).
+const SHARED_STATE_BYTES: u32 = 40 << 10;
 
 impl GpuDecoder {
     /// Opens device `ordinal`, compiling the kernels for it on first use in this process.
@@ -530,7 +533,7 @@ impl GpuDecoder {
             .flat_map(|&a| [a as u32, (a >> 32) as u32])
             .collect();
         // Every array of the plan in one upload, each section 256-byte aligned.
-        let sections: [&[u8]; 15] = [
+        let sections: [&[u8]; 16] = [
             as_bytes(&r.streams),
             as_bytes(&r.parts),
             as_bytes(&r.freqs),
@@ -546,14 +549,15 @@ impl GpuDecoder {
             as_bytes(&slots),
             as_bytes(&layout.block_table),
             as_bytes(&r.exact_rows),
+            &r.rho,
         ];
-        let mut offsets = [0u64; 15];
+        let mut offsets = [0u64; 16];
         let mut total = 0usize;
         for (o, sec) in offsets.iter_mut().zip(&sections) {
             *o = total as u64;
             total = (total + sec.len()).next_multiple_of(ALIGN);
         }
-        let [rs, rp, rf, rst, rb, re, qp, ql, cs, cp, csc, cc, sl, bt, ex] = offsets;
+        let [rs, rp, rf, rst, rb, re, qp, ql, cs, cp, csc, cc, sl, bt, ex, rh] = offsets;
         // Stage in pinned memory: the copy is then a true asynchronous DMA. Plans of one
         // call take consecutive regions, since earlier ones may still be in flight.
         if s.staging
@@ -636,11 +640,30 @@ impl GpuDecoder {
             b.arg(&freqs).arg(&tables).arg(&n_parts);
             // SAFETY: arguments match the kernel's signature; tables holds n_parts * 4096.
             unsafe { b.launch(config(n_parts, 256)) }.map_err(cuda)?;
-            // Eight threads per stream, up to 32 streams of a part at a time.
+            // Eight threads per stream, up to 32 streams of a part at a time; predicted parts
+            // keep a byte of state per channel and stream in shared memory, within the
+            // default 48 KiB.
             let widest = r.parts.iter().map(|p| p.stream_count).max().unwrap_or(1);
-            let threads = 8 * widest.clamp(4, 32).next_multiple_of(4);
-            let (streams, parts, steps, biases, escapes) =
-                (base + rs, base + rp, base + rst, base + rb, base + re);
+            let mut per_round = widest.clamp(4, 32).next_multiple_of(4);
+            let predicted = r.parts.iter().any(|p| p.rho_start != NOT_PREDICTED);
+            let state_bytes = |streams: u32| {
+                if predicted {
+                    (streams + 1) * (channels + 4)
+                } else {
+                    0
+                }
+            };
+            while per_round > 4 && state_bytes(per_round) > SHARED_STATE_BYTES {
+                per_round -= 4;
+            }
+            if state_bytes(per_round) > SHARED_STATE_BYTES {
+                return Err(KernelError::Layout(format!(
+                    "{channels} channels are too wide for predicted parts on this decoder"
+                )));
+            }
+            let threads = 8 * per_round;
+            let (streams, parts, steps, biases, escapes, rho) =
+                (base + rs, base + rp, base + rst, base + rb, base + re, base + rh);
             let mut b = self.stream.launch_builder(&self.k.rans[dtype as usize]);
             b.arg(&input)
                 .arg(&streams)
@@ -650,13 +673,18 @@ impl GpuDecoder {
                 .arg(&steps)
                 .arg(&biases)
                 .arg(&escapes)
+                .arg(&rho)
                 .arg(&slots_p)
                 .arg(&table_p)
                 .arg(&bsz)
                 .arg(&channels)
                 .arg(&err);
             // SAFETY: as above; every index the kernel follows was checked by the planner.
-            unsafe { b.launch(config(n_parts, threads)) }.map_err(cuda)?;
+            let cfg = LaunchConfig {
+                shared_mem_bytes: state_bytes(per_round),
+                ..config(n_parts, threads)
+            };
+            unsafe { b.launch(cfg) }.map_err(cuda)?;
             if !r.exact_rows.is_empty() {
                 // After rans_decode on the same stream: the exact rows overwrite its output.
                 let n_rows = u32::try_from(r.exact_rows.len())

@@ -5,7 +5,7 @@
 
 use half::{bf16, f16};
 use kvault_codec::Dtype;
-use kvault_codec::plan::DecodePlan;
+use kvault_codec::plan::{DecodePlan, NOT_PREDICTED};
 
 use crate::{OutDtype, OutLayout};
 
@@ -69,6 +69,10 @@ pub(crate) fn run(
         let mut x: Vec<u32> = (0..8).map(|l| word(2 * l) | (word(2 * l + 1) << 16)).collect();
         bad |= x.iter().any(|&x| x < 65536);
         let (mut pos, mut esc_used) = (16u32, 0u32);
+        // A predicted part's per-channel state (the kernel keeps it as bytes in shared
+        // memory), 0 at the stream's start.
+        let predicted = p.rho_start != NOT_PREDICTED;
+        let mut state = vec![0i8; c as usize];
         for k in 0..n.div_ceil(8) {
             let mut syms = [None; 8];
             let mut need = [false; 8];
@@ -102,8 +106,22 @@ pub(crate) fn run(
                         2 => tok / p.group_tokens * c + ch,
                         _ => ch,
                     }) as usize;
+                let pred = if predicted {
+                    let w = i32::from(r.rho[(p.rho_start + ch) as usize]);
+                    (w * i32::from(state[ch as usize]) + 4) >> 3
+                } else {
+                    0
+                };
+                if predicted {
+                    state[ch as usize] = if sym == esc_sym {
+                        0
+                    } else {
+                        (sym as i32 - p.m as i32 + pred).clamp(-127, 127) as i8
+                    };
+                }
                 let v = if sym != esc_sym {
-                    (sym.wrapping_add(r.biases[g] as u32) as i32) as f32 * r.steps[g]
+                    (sym.wrapping_add(r.biases[g] as u32).wrapping_add(pred as u32) as i32) as f32
+                        * r.steps[g]
                 } else {
                     let ord = esc_used + esc_here;
                     esc_here += 1;
@@ -309,6 +327,36 @@ mod tests {
                     prop_assert_eq!(&pout[at..at + row], &out[(slot * tok0 as usize + tok) * row..][..row]);
                 }
             }
+        }
+    }
+
+    /// Predicted parts (payload format 4), also with a channel count that is not a multiple
+    /// of the eight lanes: the emulated kernel gives the CPU decoder's bytes.
+    #[test]
+    fn predicted_parts_match_the_cpu_decoder() {
+        for (heads, head_dim) in [(2u32, 8u32), (1, 12), (3, 64)] {
+            let shape = KvShape {
+                layers: 2,
+                tokens: 130,
+                kv_heads: heads,
+                head_dim,
+            };
+            let c = heads * head_dim;
+            let kv = crate::synthetic::kv_like(shape, 11);
+            let options = kvault_codec::EncodeOptions::sequence_start(true);
+            let blob = kvault_codec::encode_with(kv.view(), Profile::KvMid, options).unwrap();
+            let mut plan = DecodePlan::new();
+            plan.add(&blob, 0, 0, None).unwrap();
+            assert!(
+                plan.rans.parts.iter().any(|p| p.rho_start != NOT_PREDICTED),
+                "{c} channels: no part predicted"
+            );
+            let layout = OutLayout::canonical(0, 2, 130, c, OutDtype::F32);
+            let mut out = vec![0u8; (2 * 2 * 130 * c * 4) as usize];
+            assert!(!run(&plan, &blob, &layout, OutDtype::F32, &mut out));
+            let mut cpu = vec![0u8; out.len()];
+            kvault_codec::decode_into(&blob, Dtype::F32, &mut cpu).unwrap();
+            assert_eq!(out, cpu, "{c} channels");
         }
     }
 

@@ -1,8 +1,10 @@
 //! Synthetic KV caches with the structure of real ones, for tests and benchmarks of
 //! shapes no bundled model has (a Llama-3-8B-shaped cache): keys with per-channel offsets
 //! and scales and a few outlier channels, values with per-token magnitudes, rare outlier
-//! elements, and an attention sink at token 0 (keys far from every other token's, as the
-//! first token of a real sequence has; `kv-*` codecs store such rows exactly). Codec
+//! elements, an attention sink at token 0 (keys far from every other token's, as the
+//! first token of a real sequence has; `kv-*` codecs store such rows exactly), and keys
+//! that follow their previous token's in three channels of four (as RoPE's slow channels
+//! do; `kv-*` codecs predict such residuals). Codec
 //! quality is judged on real caches elsewhere; these only have to exercise every path of
 //! the decoders at realistic sizes and symbol statistics.
 
@@ -26,11 +28,18 @@ pub fn kv_like(shape: KvShape, seed: u64) -> KvTensor {
                 s ^= s << 17;
                 s
             };
+            let mut walk = vec![0f32; c];
             for (i, o) in out.chunks_exact_mut(2).enumerate() {
                 let (tok, ch) = (i / c, i % c);
                 // A sum of two uniforms: a triangular, roughly bell-shaped variate in [-1, 1].
                 let r = next();
                 let u = ((r & 0xFFFF) as f32 + ((r >> 16) & 0xFFFF) as f32) / 65535.0 - 1.0;
+                let u = if !is_value && ch % 4 != 0 {
+                    walk[ch] = 0.8 * walk[ch] + 0.6 * u;
+                    walk[ch]
+                } else {
+                    u
+                };
                 let v = if is_value {
                     u * (0.5 + ((tok * 7) % 11) as f32 * 0.1)
                 } else {

@@ -53,12 +53,13 @@ pub struct CodecEvalArgs {
     #[arg(long, value_delimiter = ',')]
     pub profiles: Vec<Profile>,
     /// Extra rows: the `kv-mid` encoder with other step factors,
-    /// `KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS[,ROWS_FROM[,SINKS[,SINK_VALUES]]]]]]]]]`
+    /// `KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS[,ROWS_FROM[,SINKS[,SINK_VALUES[,PREDICT]]]]]]]]]]`
     /// (key and value step factors in units of σ, factor multiplier of the early layer
     /// group, how steps follow each group's own σ, tokens per row of key groups (0: none),
     /// 1 for a key step per row or 0 for one pooled over rows, the shortest chunk coded
     /// with rows, the leading tokens of a window whose keys are stored exactly, 1 to store
-    /// their values exactly too: see `kvault_codec::KvTuning`); omitted
+    /// their values exactly too, 1 to predict residuals from the previous token's: see
+    /// `kvault_codec::KvTuning`); omitted
     /// fields are kv-mid's. Repeatable. For rate-distortion experiments: the containers
     /// decode with the same decoders.
     #[arg(long, value_parser = parse_tuning)]
@@ -75,9 +76,9 @@ fn parse_tuning(s: &str) -> Result<KvTuning, String> {
         .map(|x| x.trim().parse::<f64>().map_err(|e| format!("{x:?}: {e}")))
         .collect::<Result<_, _>>()?;
     let mut t = KvTuning::of(Profile::DEFAULT_LOSSY).ok_or("no default kv tuning")?;
-    if !(2..=10).contains(&f.len()) {
+    if !(2..=11).contains(&f.len()) {
         return Err(format!(
-            "{s:?}: expected KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS[,ROWS_FROM[,SINKS[,SINK_VALUES]]]]]]]]]"
+            "{s:?}: expected KEY,VALUE[,EARLY[,KEY_POWER[,VALUE_POWER[,KEY_ROWS[,ROW_STEPS[,ROWS_FROM[,SINKS[,SINK_VALUES[,PREDICT]]]]]]]]]]"
         ));
     }
     (t.key_factor, t.value_factor) = (f[0], f[1]);
@@ -121,6 +122,9 @@ fn parse_tuning(s: &str) -> Result<KvTuning, String> {
     }
     if let Some(b) = switch(9, "SINK_VALUES")? {
         t.sink_values = b;
+    }
+    if let Some(b) = switch(10, "PREDICT")? {
+        t.predict = b;
     }
     Ok(t)
 }

@@ -33,7 +33,12 @@ fuzz_target!(|data: &[u8]| {
         for p in &plan.rans.parts {
             assert!((p.first_stream + p.stream_count) as usize <= plan.rans.streams.len());
             assert!((p.group_start as usize) < plan.rans.steps.len().max(1));
+            if p.rho_start != kvault_codec::plan::NOT_PREDICTED {
+                assert!((p.rho_start + plan.channels) as usize <= plan.rans.rho.len());
+                assert!(plan.channels >= 8);
+            }
         }
+        assert!(plan.rans.rho.iter().all(|&w| w <= 8));
         for e in &plan.rans.exact_rows {
             let size = Dtype::from_u8(e.dtype as u8).expect("a planned row's dtype").size() as u64;
             assert!(e.data_offset + u64::from(plan.channels) * size <= len);

@@ -58,6 +58,10 @@ pub(crate) struct PartParams<'a> {
     pub(crate) esc_sym: u8,
     /// Output dtype.
     pub(crate) out_dtype: Dtype,
+    /// A predicted part's weights (`ρ8`, one per channel) and its `M`: each symbol adds
+    /// `(ρ8 · state + 4) >> 3`, the state being the channel's previous residual `s − M +
+    /// prediction` clamped to ±127 (0 at a block's start and after an escape).
+    pub(crate) predicted: Option<(&'a [i32], i32)>,
 }
 
 /// One block to decode.
@@ -85,6 +89,7 @@ pub(crate) fn decode_blocks(
     p: &PartParams<'_>,
     words: &mut Vec<u16>,
     esc_masks: &mut Vec<u8>,
+    state: &mut Vec<i32>,
 ) -> Result<(), CodecError> {
     let c = p.channels;
     let size = p.out_dtype.size();
@@ -101,6 +106,7 @@ pub(crate) fn decode_blocks(
         || !c.is_multiple_of(LANES)
         || elems != rows * c
         || !available()
+        || p.predicted.is_some_and(|(rho, _)| rho.len() < c)
         || blocks.iter().any(|b| {
             b.out.len() != elems * size || b.biases.len() < groups_needed || b.steps.len() < groups_needed
         });
@@ -130,6 +136,9 @@ pub(crate) fn decode_blocks(
     }
     esc_masks.clear();
     esc_masks.resize(n_blocks * (elems / LANES), 0);
+    // Every block starts its stream, so every channel's state starts at 0.
+    state.clear();
+    state.resize(n_blocks * c, 0);
     for (j, (b, esc)) in blocks
         .iter_mut()
         .zip(esc_masks.chunks_exact_mut((elems / LANES).max(1)))
@@ -141,6 +150,9 @@ pub(crate) fn decode_blocks(
         raw[j].biases = b.biases.as_ptr();
         raw[j].steps = b.steps.as_ptr();
         raw[j].esc = esc.as_mut_ptr();
+    }
+    for (j, st) in state.chunks_exact_mut(c).enumerate() {
+        raw[j].state = st.as_mut_ptr();
     }
     let steps = elems / LANES;
     // SAFETY: AVX2, F16C and POPCNT are present (checked above). For each block: `head`
@@ -197,6 +209,8 @@ struct Raw {
     biases: *const i32,
     steps: *const f32,
     esc: *mut u8,
+    /// Prediction state, `channels` entries.
+    state: *mut i32,
 }
 
 impl Default for Raw {
@@ -209,6 +223,7 @@ impl Default for Raw {
             biases: std::ptr::null(),
             steps: std::ptr::null(),
             esc: std::ptr::null_mut(),
+            state: std::ptr::null_mut(),
         }
     }
 }
@@ -260,6 +275,15 @@ unsafe fn run<const N: usize, const DT: u8>(
     let esc = _mm256_set1_epi32(i32::from(p.esc_sym));
     let slots = p.slots.as_ptr().cast::<i32>();
     let es = if DT == F32 { 4 } else { 2 };
+    let (rho, m_sym) = match p.predicted {
+        Some((rho, m)) => (rho.as_ptr(), _mm256_set1_epi32(m)),
+        None => (std::ptr::null(), zero),
+    };
+    let (four, lim, neg_lim) = (
+        _mm256_set1_epi32(4),
+        _mm256_set1_epi32(127),
+        _mm256_set1_epi32(-127),
+    );
     let (mut row, mut ch) = (0usize, 0usize);
     for k in 0..steps {
         // Symbols 8k..8k + 8 of every block lie in `row`, channels ch..ch + 8 <= c.
@@ -313,7 +337,26 @@ unsafe fn run<const N: usize, const DT: u8>(
                     )
                 }
             };
-            let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(sym, bias)), step);
+            let mut q = _mm256_add_epi32(sym, bias);
+            if !rho.is_null() {
+                // SAFETY: ch + 8 <= c <= rho.len() and this block's state's length.
+                unsafe {
+                    let st = r.state.add(ch).cast::<__m256i>();
+                    let w = _mm256_loadu_si256(rho.add(ch).cast());
+                    // w in 0..=8 and the state in ±127: one i16 product per i32 lane (the
+                    // high halves of w are zero), cheaper than a 32-bit multiply.
+                    let pred = _mm256_srai_epi32::<3>(_mm256_add_epi32(
+                        _mm256_madd_epi16(w, _mm256_loadu_si256(st)),
+                        four,
+                    ));
+                    q = _mm256_add_epi32(q, pred);
+                    let res = _mm256_add_epi32(_mm256_sub_epi32(sym, m_sym), pred);
+                    let res = _mm256_min_epi32(_mm256_max_epi32(res, neg_lim), lim);
+                    let escaped = _mm256_cmpeq_epi32(sym, esc);
+                    _mm256_storeu_si256(st, _mm256_andnot_si256(escaped, res));
+                }
+            }
+            let v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), step);
             // SAFETY: (8k + 8) * es <= elems * es == out.len().
             let dst = unsafe { r.out.add(8 * k * es) };
             if DT == F16 {
