@@ -813,16 +813,7 @@ fn encode_groups(
             quantize_row(row, &inv, &zero, res);
         }
     }
-    encode_symbols(
-        res,
-        c,
-        block,
-        may_predict,
-        &mut scratch.diffs,
-        &mut scratch.syms,
-        &mut scratch.words,
-        out,
-    )
+    encode_symbols(c, block, may_predict, scratch, out)
 }
 
 /// Adds `x` to a group's sum, sum of squares and max |x| (in f64).
@@ -1008,16 +999,7 @@ fn encode_key_rows(
         }
         quantize_row(row, &invs, &zero[r * c..(r + 1) * c], res);
     }
-    encode_symbols(
-        res,
-        c,
-        block,
-        may_predict,
-        &mut scratch.diffs,
-        &mut scratch.syms,
-        &mut scratch.words,
-        out,
-    )
+    encode_symbols(c, block, may_predict, scratch, out)
 }
 
 /// Histogram of values in [-32, 31] (bins 0..64), everything else in bin 64.
@@ -1104,8 +1086,8 @@ fn fit_weights(res: &[i32], c: usize, block: usize) -> Vec<u8> {
 /// residual, clamped): `(ρ8 · state + 4) >> 3`, within ±127. Every decoder computes this
 /// in integers, so they agree bit for bit.
 #[inline(always)]
-fn prediction(rho8: u8, state: i32) -> i32 {
-    (i32::from(rho8) * state + 4) >> 3
+fn prediction(rho8: i32, state: i32) -> i32 {
+    (rho8 * state + 4) >> 3
 }
 
 /// The predicted form of `res` (see [`KvTuning::predict`]) into `out`: per stream of
@@ -1127,7 +1109,7 @@ fn predict_residuals(res: &[i32], c: usize, block: usize, rho: &[u8], m: Option<
         state.fill(0);
         for (row, orow) in blk.chunks_exact(c).zip(oblk.chunks_exact_mut(c)) {
             for (((&r, s), &w), o) in row.iter().zip(state.iter_mut()).zip(&w).zip(orow.iter_mut()) {
-                let d = r.wrapping_sub((w * *s + 4) >> 3);
+                let d = r.wrapping_sub(prediction(w, *s));
                 let clamped = r.clamp(-STATE_LIMIT, STATE_LIMIT);
                 *s = if d.unsigned_abs() > m { 0 } else { clamped };
                 *o = d;
@@ -1137,9 +1119,10 @@ fn predict_residuals(res: &[i32], c: usize, block: usize, rho: &[u8], m: Option<
 }
 
 /// Maps `vals` to the symbols of alphabet `[-m, m]` plus escape in `syms` (cleared first),
-/// and the escaped values (zigzag varints) to `esc` (cleared first).
+/// and for each escaped value the element of `carried` at its position (zigzag varints;
+/// `vals` itself, or a predicted part's whole residuals) to `esc` (cleared first).
 #[inline(always)]
-fn map_values(vals: &[i32], m: usize, syms: &mut Vec<u8>, esc: &mut Vec<u8>) {
+fn map_values(vals: &[i32], carried: &[i32], m: usize, syms: &mut Vec<u8>, esc: &mut Vec<u8>) {
     let m_i = m as i32;
     let esc_sym = (2 * m + 1) as u8;
     syms.clear();
@@ -1152,54 +1135,64 @@ fn map_values(vals: &[i32], m: usize, syms: &mut Vec<u8>, esc: &mut Vec<u8>) {
         if s <= span { s as u8 } else { esc_sym }
     }));
     if syms.contains(&esc_sym) {
-        for &r in vals.iter().filter(|&&r| r.unsigned_abs() as usize > m) {
+        for (_, &r) in vals
+            .iter()
+            .zip(carried)
+            .filter(|&(&v, _)| v.unsigned_abs() as usize > m)
+        {
             put_svarint(esc, r);
         }
     }
 }
 
-/// Appends a part's residuals: (format 4, `predict`) the prediction byte and weights,
-/// then `M`, the frequency table, then `block` tokens per stream (streams coded
-/// [`rans::GROUP`] at a time).
-#[allow(clippy::too_many_arguments)]
+/// Appends a part's residuals (`scratch.ints`, rows of `c`): (format 4, `predict`) the
+/// prediction byte and weights, then `M`, the frequency table, then `block` tokens per
+/// stream (streams coded [`rans::GROUP`] at a time).
 #[inline(always)]
 fn encode_symbols(
-    res: &[i32],
     c: usize,
     block: usize,
     predict: bool,
-    diffs: &mut Vec<i32>,
-    syms: &mut Vec<u8>,
-    words: &mut Vec<u16>,
+    scratch: &mut Scratch,
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
-    let hist = histogram(res);
+    let Scratch {
+        ints: res,
+        diffs,
+        syms,
+        words,
+        ..
+    } = scratch;
+    let res: &[i32] = res;
+    let mut hist = histogram(res);
     let (mut m, plain_bits) = best_alphabet(&hist);
-    let mut rho = Vec::new();
     // Predicted when it is estimated smaller, weights included. Decoders on GPUs keep the
     // previous row in lanes of eight channels, so narrower parts are never predicted.
-    if predict && c >= rans::LANES {
-        rho = fit_weights(res, c, block);
-        if rho.iter().any(|&w| w > 0) {
-            predict_residuals(res, c, block, &rho, None, diffs);
-            let first = histogram(diffs);
-            let (pm, bits) = best_alphabet(&first);
-            if bits + ((c.div_ceil(2) * 8) as f64) < plain_bits {
-                m = pm;
-                // Escapes reset their channel's state, which moves later differences.
-                let inside: u64 = first[32 - m..=32 + m].iter().sum();
-                if inside < diffs.len() as u64 {
-                    predict_residuals(res, c, block, &rho, Some(m), diffs);
-                }
-            } else {
-                rho.clear();
+    let mut rho = if predict && c >= rans::LANES {
+        fit_weights(res, c, block)
+    } else {
+        Vec::new()
+    };
+    if rho.iter().any(|&w| w > 0) {
+        predict_residuals(res, c, block, &rho, None, diffs);
+        let first = histogram(diffs);
+        let (pm, bits) = best_alphabet(&first);
+        if bits + ((c.div_ceil(2) * 8) as f64) < plain_bits {
+            (m, hist) = (pm, first);
+            // Escapes reset their channel's state, which moves later differences.
+            let inside: u64 = hist[32 - m..=32 + m].iter().sum();
+            if inside < diffs.len() as u64 {
+                predict_residuals(res, c, block, &rho, Some(m), diffs);
+                hist = histogram(diffs);
             }
         } else {
             rho.clear();
         }
+    } else {
+        rho.clear();
     }
     let predicted = !rho.is_empty();
-    let table = table_for(&if predicted { histogram(diffs) } else { hist }, m)?;
+    let table = table_for(&hist, m)?;
     if predict {
         out.push(u8::from(predicted));
         for pair in rho.chunks(2) {
@@ -1222,16 +1215,8 @@ fn encode_symbols(
         for (group, whole) in vals.chunks(per * G).zip(res.chunks(per * G)) {
             let n = group.len().div_ceil(per);
             for (j, (blk, rblk)) in group.chunks(per).zip(whole.chunks(per)).enumerate() {
-                map_values(blk, m, &mut symb[j], &mut esc[j]);
-                if predicted && !esc[j].is_empty() {
-                    // A predicted part's escapes hold the whole residual.
-                    esc[j].clear();
-                    for (&d, &r) in blk.iter().zip(rblk) {
-                        if d.unsigned_abs() as usize > m {
-                            put_svarint(&mut esc[j], r);
-                        }
-                    }
-                }
+                // A predicted part's escapes carry the whole residual.
+                map_values(blk, rblk, m, &mut symb[j], &mut esc[j]);
             }
             let refs: [&[u8]; G] = std::array::from_fn(|j| symb[j].as_slice());
             rans::encode_group(&refs[..n], &table, &mut wds, &mut stream)?;
@@ -1262,7 +1247,7 @@ fn put_ints(
     out.push(d as u8);
     table.write(out);
     let (mut stream, mut esc) = (Vec::new(), Vec::new());
-    map_values(vals, d, syms, &mut esc);
+    map_values(vals, vals, d, syms, &mut esc);
     rans::encode(syms, &table, words, &mut stream)?;
     put_varint(out, stream.len() as u32);
     put_varint(out, esc.len() as u32);
@@ -1618,20 +1603,10 @@ fn decode_part(
                     state.clear();
                     state.resize(c, 0);
                 }
-                let at = grouping.row_start(c, tok);
-                let (zs, ds) = if grouping.kind == GroupKind::Tokens {
-                    (&g.zeros[tok..tok + 1], &g.steps[tok..tok + 1])
-                } else {
-                    (&g.zeros[at..at + c], &g.steps[at..at + c])
-                };
-                let per_token = zs.len() == 1;
                 for ch in 0..c {
-                    let (b, d) = if per_token {
-                        (zs[0], ds[0])
-                    } else {
-                        (zs[ch], ds[ch])
-                    };
-                    let (sym, pred) = (srow[ch], prediction(rho[ch], state[ch]));
+                    let gi = grouping.group(c, tok, ch);
+                    let (b, d) = (g.zeros[gi], g.steps[gi]);
+                    let (sym, pred) = (srow[ch], prediction(i32::from(rho[ch]), state[ch]));
                     state[ch] = if sym == esc_sym {
                         0
                     } else {
@@ -1930,7 +1905,7 @@ fn plan_streams(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::testdata::{decoded_f32, structured};
+    use crate::profile::testdata::{decoded_f32, structured, uniform};
     use crate::tensor::KvShape;
     use proptest::prelude::*;
 
@@ -2119,13 +2094,7 @@ mod tests {
             head_dim,
         };
         let c = (kv_heads * head_dim) as usize;
-        let mut s = seed | 1;
-        let mut uni = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        };
+        let mut uni = uniform(seed);
         let off: Vec<f64> = (0..c).map(|_| 3.0 * uni()).collect();
         let sc: Vec<f64> = (0..c).map(|_| 10f64.powf(uni())).collect();
         let data: Vec<u8> = (0..shape.elements() as usize)
@@ -2150,13 +2119,7 @@ mod tests {
             head_dim,
         };
         let (c, t) = ((kv_heads * head_dim) as usize, tokens as usize);
-        let mut s = seed | 1;
-        let mut uni = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        };
+        let mut uni = uniform(seed);
         let off: Vec<f64> = (0..c).map(|_| 3.0 * uni()).collect();
         let sc: Vec<f64> = (0..c).map(|_| 10f64.powf(uni())).collect();
         let rho: Vec<f64> = (0..c).map(|_| 0.5 + 0.5 * uni().abs()).collect();

@@ -337,6 +337,7 @@ unsafe fn run<const N: usize, const DT: u8>(
                     )
                 }
             };
+            let escaped = _mm256_cmpeq_epi32(sym, esc);
             let mut q = _mm256_add_epi32(sym, bias);
             if !rho.is_null() {
                 // SAFETY: ch + 8 <= c <= rho.len() and this block's state's length.
@@ -352,7 +353,6 @@ unsafe fn run<const N: usize, const DT: u8>(
                     q = _mm256_add_epi32(q, pred);
                     let res = _mm256_add_epi32(_mm256_sub_epi32(sym, m_sym), pred);
                     let res = _mm256_min_epi32(_mm256_max_epi32(res, neg_lim), lim);
-                    let escaped = _mm256_cmpeq_epi32(sym, esc);
                     _mm256_storeu_si256(st, _mm256_andnot_si256(escaped, res));
                 }
             }
@@ -375,7 +375,7 @@ unsafe fn run<const N: usize, const DT: u8>(
                 let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(h, h));
                 unsafe { _mm_storeu_si128(dst.cast(), _mm256_castsi256_si128(packed)) };
             }
-            let em = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(sym, esc)));
+            let em = _mm256_movemask_ps(_mm256_castsi256_ps(escaped));
             // SAFETY: k < steps = esc's length.
             unsafe { *r.esc.add(k) = em as u8 };
         }

@@ -355,6 +355,17 @@ pub(crate) mod testdata {
 
     use crate::tensor::{Dtype, KvShape, KvTensor, convert};
 
+    /// A deterministic xorshift stream of uniforms in `[-1, 1)` from `seed`.
+    pub(crate) fn uniform(seed: u64) -> impl FnMut() -> f64 {
+        let mut s = seed | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        }
+    }
+
     /// A structured tensor: `(tensor in its dtype, the same values as f32)`.
     pub(crate) fn structured() -> impl Strategy<Value = (KvTensor, Vec<f32>)> {
         (
@@ -373,13 +384,7 @@ pub(crate) mod testdata {
                     head_dim,
                 };
                 let c = (kv_heads * head_dim) as usize;
-                let mut s = seed | 1;
-                let mut uni = move || {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-                };
+                let mut uni = uniform(seed);
                 let offsets: Vec<f64> = (0..c).map(|_| 10.0 * uni()).collect();
                 let scales: Vec<f64> = (0..c).map(|_| 10f64.powf(3.0 * uni() - 1.0)).collect();
                 let n = shape.elements() as usize;
