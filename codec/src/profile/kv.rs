@@ -2350,6 +2350,36 @@ mod tests {
         }
     }
 
+    /// With an odd channel count the weights' last byte has a padding nibble, which must be
+    /// zero: a container with it set is refused by both decoders and the planner.
+    #[test]
+    fn predicted_weights_padding_must_be_zero() {
+        let c = 9;
+        let t = wide_walk(1, 96, 1, c as u32, 5);
+        let blob = crate::encode(t.view(), Profile::KvMid).unwrap();
+        let payload = crate::Container::parse(&blob).unwrap().layer_payload(0);
+        let start = payload.as_ptr() as usize - blob.as_ptr() as usize;
+        let mut r = PayloadReader::new(payload, "test");
+        assert_eq!(r.varint().unwrap(), 0);
+        assert_eq!(r.u8().unwrap(), GroupKind::Channels as u8);
+        r.take(c).unwrap();
+        for _ in 0..c {
+            r.svarint().unwrap();
+        }
+        let at = start + payload.len() - r.remaining();
+        assert_eq!(blob[at], 1, "the keys are predicted");
+        let last = at + 1 + c / 2;
+        assert_eq!(blob[last] >> 4, 0);
+        let mut bad = blob.clone();
+        bad[last] |= 0x10;
+        fix_checksum(&mut bad);
+        for simd in [false, true] {
+            let got = decode_layers(&bad, Dtype::F16, simd);
+            assert!(matches!(got[0], Err(CodecError::Corrupt(_))), "{:?}", got[0]);
+        }
+        assert!(crate::plan::DecodePlan::of_container(&bad, None).is_err());
+    }
+
     #[test]
     fn constant_and_huge_groups_round_trip() {
         let shape = KvShape {
