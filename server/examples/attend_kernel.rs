@@ -6,13 +6,15 @@
 //! on all of them.
 //!
 //! `cargo run --release -p kvault-server --example attend_kernel -- [--layout f16|int8|k8v4|k4v4]
-//! [--where l2|l3|memory] [--reps N] [--heads N]`: only that layout / that row; every
-//! row keeps the best of N (default 5) passes; the memory row over N heads (default 64).
+//! [--where l2|l3|memory] [--reps N] [--heads N] [--builds avx2,avx512]`: only that layout /
+//! that row; every row keeps the best of N (default 5) passes; the memory row over N heads
+//! (default 64); `--builds` times each of the kernel's builds (default: the best this CPU
+//! runs), taking turns row by row.
 
 use std::time::Instant;
 
 use half::f16;
-use kvault_server::attend::kernel::{State, attend, simd_available};
+use kvault_server::attend::kernel::{Build, State, attend_with};
 use kvault_server::attend::layout::{Format, Geometry, Plane};
 use rayon::prelude::*;
 
@@ -26,11 +28,11 @@ fn rows(t: usize, seed: usize) -> Vec<f16> {
 }
 
 /// Best of `reps`: seconds for `inner` passes of `G` queries over each plane.
-fn time(planes: &[Plane], q: &[f32], parallel: bool, reps: usize, inner: usize) -> f64 {
+fn time(build: Build, planes: &[Plane], q: &[f32], parallel: bool, reps: usize, inner: usize) -> f64 {
     let one = |p: &Plane| {
         for _ in 0..inner {
             let mut st = State::new(G, D);
-            attend(p.view(), q, 0.088, 0, usize::MAX, &mut st);
+            attend_with(build, p.view(), q, 0.088, 0, usize::MAX, &mut st);
             std::hint::black_box(&st);
         }
     };
@@ -89,9 +91,28 @@ fn main() {
         .collect();
     let reps: usize = flag("--reps").and_then(|r| r.parse().ok()).unwrap_or(5);
     let mem_heads: usize = flag("--heads").and_then(|r| r.parse().ok()).unwrap_or(64);
+    let builds: Vec<Build> = match flag("--builds") {
+        None => vec![Build::best()],
+        Some(list) => list
+            .split(',')
+            .map(|b| match b {
+                "portable" => Build::Portable,
+                "avx2" => Build::Avx2,
+                "avx512" => Build::Avx512,
+                other => panic!("unknown build {other}: portable, avx2 or avx512"),
+            })
+            .filter(|b| {
+                let ok = b.available();
+                if !ok {
+                    println!("skipping the {b:?} build: this CPU does not run it");
+                }
+                ok
+            })
+            .collect(),
+    };
     println!(
-        "AVX2 build: {}; {} threads; G = {G} query heads per KV head, head dim {D}",
-        simd_available(),
+        "builds {builds:?} (best here: {:?}); {} threads; G = {G} query heads per KV head, head dim {D}",
+        Build::best(),
         rayon::current_num_threads()
     );
     let q: Vec<f32> = (0..G * D).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
@@ -168,16 +189,18 @@ fn main() {
                     b / all / 1e9
                 );
             }
-            let one = time(&planes[..ns], &q, false, reps, inner) / ns as f64;
-            let all = time(&planes, &q, true, reps, inner) / planes.len() as f64;
-            println!(
-                "{label:<6} {f:<5?} {:>6.1} B/token: 1 thread {:>6.1} ns per token and KV head ({:>5.2} GB/s); all threads {:>6.2} GB/s; {}",
-                planes[0].bytes() as f64 / t as f64,
-                one / (t * inner) as f64 * 1e9,
-                bytes / one / 1e9,
-                bytes / all / 1e9,
-                huge.split_whitespace().collect::<Vec<_>>().join(" "),
-            );
+            for &build in &builds {
+                let one = time(build, &planes[..ns], &q, false, reps, inner) / ns as f64;
+                let all = time(build, &planes, &q, true, reps, inner) / planes.len() as f64;
+                println!(
+                    "{label:<6} {f:<5?} {build:<8?} {:>6.1} B/token: 1 thread {:>6.1} ns per token and KV head ({:>5.2} GB/s); all threads {:>6.2} GB/s; {}",
+                    planes[0].bytes() as f64 / t as f64,
+                    one / (t * inner) as f64 * 1e9,
+                    bytes / one / 1e9,
+                    bytes / all / 1e9,
+                    huge.split_whitespace().collect::<Vec<_>>().join(" "),
+                );
+            }
         }
     }
 }

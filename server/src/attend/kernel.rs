@@ -22,9 +22,10 @@
 //! for int8 values, 8 bits for 4-bit values). The rounding this adds is
 //! bounded in `tests/attend.rs`.
 //!
-//! [`attend`] runs an AVX2+FMA+F16C build when the CPU has it and a
-//! portable one otherwise; both compute the same integers, and their f32
-//! results agree to rounding (tested).
+//! [`attend`] runs the fastest [`Build`] the CPU has: AVX-512 (F, VL,
+//! VNNI), AVX2+FMA+F16C, or portable loops. All compute the same integers;
+//! the AVX-512 and AVX2 builds agree bit for bit, the portable one to f32
+//! rounding (tested).
 
 use half::f16;
 
@@ -102,37 +103,103 @@ impl State {
 }
 
 /// Attends the G queries `q[G][D]` (softmax scale `scale`) over tokens
-/// `t0..t1` of `kv`, folding the result into `st`.
+/// `t0..t1` of `kv`, folding the result into `st`, with the fastest build
+/// this CPU runs ([`Build::best`]).
 pub fn attend(kv: HeadKv<'_>, q: &[f32], scale: f32, t0: usize, t1: usize, st: &mut State) {
-    #[cfg(target_arch = "x86_64")]
-    if simd_available() {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
-        unsafe { attend_avx2(kv, q, scale, t0, t1, st) };
-        return;
-    }
-    run::<false>(kv, q, scale, t0, t1, st);
+    attend_with(Build::best(), kv, q, scale, t0, t1, st);
 }
 
-/// The portable build, whatever the CPU (for tests against the SIMD one).
-pub fn attend_portable(kv: HeadKv<'_>, q: &[f32], scale: f32, t0: usize, t1: usize, st: &mut State) {
-    run::<false>(kv, q, scale, t0, t1, st);
+/// A build of the kernel: every build computes the same integer sums, so
+/// their results agree to f32 rounding (the AVX-512 and AVX2 ones bit for bit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// Plain loops, whatever the CPU.
+    Portable,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// The AVX2 build with AVX-512 F, VL and VNNI: the f16 layout's FMAs on
+    /// 512-bit registers (a block's sixteen tokens, a run's sixteen
+    /// channels), the quantised layouts' integer dot products in VNNI on
+    /// 256-bit ones (`vpdpbusd`, `vpdpwssd`: multiply, sum four or two
+    /// products and accumulate in i32, one instruction where AVX2 needs two
+    /// or three), and 32 vector registers throughout.
+    Avx512,
 }
 
-/// Whether [`attend`] runs the AVX2 build on this CPU.
-pub fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        has!("avx2") && has!("fma") && has!("f16c")
+impl Build {
+    /// The fastest build this CPU runs.
+    pub fn best() -> Build {
+        if Build::Avx512.available() {
+            Build::Avx512
+        } else if Build::Avx2.available() {
+            Build::Avx2
+        } else {
+            Build::Portable
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+
+    /// Whether this CPU runs the build.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            match self {
+                Build::Portable => true,
+                Build::Avx2 => avx2,
+                Build::Avx512 => avx2 && has!("avx512f") && has!("avx512vl") && has!("avx512vnni"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        matches!(self, Build::Portable)
+    }
 }
+
+/// [`attend`] with a chosen build.
+///
+/// # Panics
+/// If this CPU does not run `build` ([`Build::available`]).
+pub fn attend_with(
+    build: Build,
+    kv: HeadKv<'_>,
+    q: &[f32],
+    scale: f32,
+    t0: usize,
+    t1: usize,
+    st: &mut State,
+) {
+    assert!(
+        build.available(),
+        "this CPU does not run the {build:?} attention kernel"
+    );
+    match build {
+        Build::Portable => run::<PORTABLE>(kv, q, scale, t0, t1, st),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2, FMA and F16C (asserted just above).
+        Build::Avx2 => unsafe { attend_avx2(kv, q, scale, t0, t1, st) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2, FMA, F16C, AVX-512 F, VL and VNNI (asserted just above).
+        Build::Avx512 => unsafe { attend_avx512(kv, q, scale, t0, t1, st) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only the portable build is available off x86-64"),
+    }
+}
+
+/// The builds as `run`'s const parameter (each SIMD build includes AVX2's).
+const PORTABLE: u8 = 0;
+const AVX2: u8 = 1;
+const AVX512: u8 = 2;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn attend_avx2(kv: HeadKv<'_>, q: &[f32], scale: f32, t0: usize, t1: usize, st: &mut State) {
-    run::<true>(kv, q, scale, t0, t1, st);
+    run::<AVX2>(kv, q, scale, t0, t1, st);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+fn attend_avx512(kv: HeadKv<'_>, q: &[f32], scale: f32, t0: usize, t1: usize, st: &mut State) {
+    run::<AVX512>(kv, q, scale, t0, t1, st);
 }
 
 /// Per-head quantised queries of the current key group.
@@ -149,6 +216,10 @@ struct QuantQ {
     /// bytes (what `vpmaddubsw` multiplies a unit by), `[dp/2][G]` (the
     /// heads of a pair side by side: rows 2 KiB apart would share L1 banks).
     bcast: Vec<[u16; 16]>,
+    /// 4-bit keys in the AVX-512 build: each four channels' α as int8, in one
+    /// i32 (what `vpdpbusd` multiplies a token's four codes by, broadcast
+    /// from memory), `[dp/4][G]`.
+    quads: Vec<i32>,
 }
 
 /// Largest integer query for int8 keys: `dp` channels of `|α·κ| ≤ lim·127`
@@ -158,14 +229,15 @@ fn i16_query_limit(dp: usize) -> f32 {
 }
 
 impl QuantQ {
-    fn new(g: usize, dp: usize, keys: &Keys<'_>) -> QuantQ {
+    fn new<const ISA: u8>(g: usize, dp: usize, keys: &Keys<'_>) -> QuantQ {
         let u4 = matches!(keys, Keys::U4 { .. });
         QuantQ {
             a: vec![0.0; dp],
             sig: vec![0.0; g],
             cst: vec![0.0; g],
             alpha: vec![0; g * dp],
-            bcast: vec![[0; 16]; if u4 { g * dp / 2 } else { 0 }],
+            bcast: vec![[0; 16]; if u4 && ISA != AVX512 { g * dp / 2 } else { 0 }],
+            quads: vec![0; if u4 && ISA == AVX512 { g * dp / 4 } else { 0 }],
         }
     }
 
@@ -173,7 +245,7 @@ impl QuantQ {
     /// and quantises them per head: `α = round(qs·scale / sig)` with
     /// `sig = max|qs·scale| / lim`.
     #[inline(always)]
-    fn prepare<const SIMD: bool>(&mut self, keys: &Keys<'_>, qs: &[f32], grp: usize, dp: usize) {
+    fn prepare<const ISA: u8>(&mut self, keys: &Keys<'_>, qs: &[f32], grp: usize, dp: usize) {
         let (scale, offset, lim) = match *keys {
             Keys::F16(_) => return,
             Keys::I8 { scale, .. } => (&scale[grp * dp..(grp + 1) * dp], None, i16_query_limit(dp)),
@@ -186,8 +258,8 @@ impl QuantQ {
         for (h, q) in qs.chunks_exact(dp).enumerate() {
             let alpha = &mut self.alpha[h * dp..(h + 1) * dp];
             #[cfg(target_arch = "x86_64")]
-            let (sig, sum_alpha) = if SIMD {
-                // SAFETY: SIMD builds run inside attend_avx2; every slice holds dp values.
+            let (sig, sum_alpha) = if ISA >= AVX2 {
+                // SAFETY: SIMD builds run inside attend_avx2 or attend_avx512; every slice holds dp values.
                 unsafe { avx2::quantise_query(q, scale, lim, &mut self.a, alpha) }
             } else {
                 portable::quantise_query(q, scale, lim, &mut self.a, alpha)
@@ -207,8 +279,15 @@ impl QuantQ {
                 let z: f32 = lanes.iter().sum();
                 self.cst[h] = z - 8.0 * sig * sum_alpha as f32;
                 let g = self.sig.len();
+                if ISA == AVX512 {
+                    let quad = |x: &[i16]| i32::from_le_bytes(std::array::from_fn(|i| x[i] as i8 as u8));
+                    for (m, x) in alpha.chunks_exact(4).enumerate() {
+                        self.quads[m * g + h] = quad(x);
+                    }
+                    continue;
+                }
                 #[cfg(target_arch = "x86_64")]
-                if SIMD {
+                if ISA >= AVX2 {
                     // SAFETY: as above; bcast holds dp/2 rows of g.
                     unsafe { avx2::broadcast_pairs(alpha, &mut self.bcast, g, h) };
                     continue;
@@ -223,7 +302,7 @@ impl QuantQ {
 }
 
 #[inline(always)]
-fn run<const SIMD: bool>(kv: HeadKv<'_>, q: &[f32], scale: f32, t0: usize, t1: usize, st: &mut State) {
+fn run<const ISA: u8>(kv: HeadKv<'_>, q: &[f32], scale: f32, t0: usize, t1: usize, st: &mut State) {
     kv.check();
     let geo = kv.geo;
     let (d, dp, g) = (geo.d, geo.dp, st.m.len());
@@ -240,27 +319,79 @@ fn run<const SIMD: bool>(kv: HeadKv<'_>, q: &[f32], scale: f32, t0: usize, t1: u
             *x = y * scale;
         }
     }
-    let mut qq = QuantQ::new(g, dp, &kv.keys);
+    let mut qq = QuantQ::new::<ISA>(g, dp, &kv.keys);
     let mut group = usize::MAX;
     let mut s = [[0f32; BLOCK]; TILE];
     let (b0, b1) = (t0 / BLOCK, t1.div_ceil(BLOCK));
+    let pf = if ISA >= AVX2 {
+        prefetch_distance::<ISA>()
+    } else {
+        0
+    };
     for b in b0..b1 {
+        #[cfg(target_arch = "x86_64")]
+        if pf > 0 && b + pf < b1 {
+            prefetch_block(&kv, b + pf);
+        }
         let base = b * BLOCK;
         if base / KEY_GROUP != group {
             group = base / KEY_GROUP;
-            qq.prepare::<SIMD>(&kv.keys, &qs, group, dp);
+            qq.prepare::<ISA>(&kv.keys, &qs, group, dp);
         }
         let (lo, hi) = (t0.saturating_sub(base), (t1 - base).min(BLOCK));
         let mut h0 = 0;
         while h0 < g {
             let nh = (g - h0).min(TILE);
             match nh {
-                1 => tile::<SIMD, 1>(&kv, b, h0, lo, hi, &qs, &qq, &mut s, st),
-                2 => tile::<SIMD, 2>(&kv, b, h0, lo, hi, &qs, &qq, &mut s, st),
-                3 => tile::<SIMD, 3>(&kv, b, h0, lo, hi, &qs, &qq, &mut s, st),
-                _ => tile::<SIMD, 4>(&kv, b, h0, lo, hi, &qs, &qq, &mut s, st),
+                1 => tile::<ISA, 1>(&kv, b, h0, lo, hi, &qs, &qq, &mut s, st),
+                2 => tile::<ISA, 2>(&kv, b, h0, lo, hi, &qs, &qq, &mut s, st),
+                3 => tile::<ISA, 3>(&kv, b, h0, lo, hi, &qs, &qq, &mut s, st),
+                _ => tile::<ISA, 4>(&kv, b, h0, lo, hi, &qs, &qq, &mut s, st),
             }
             h0 += nh;
+        }
+    }
+}
+
+/// Blocks a SIMD build asks for ahead of the one it computes: by default 2
+/// in the AVX-512 build and none in the AVX2 one, or `KVAULT_ATTEND_PREFETCH`.
+///
+/// Measured (docs/figures.md, attention offload): on a 16-core Xeon
+/// the f16 layout reads 0.67–0.71 of STREAM triad without and 0.74–0.76 with
+/// two blocks ahead (its hardware prefetchers stop at 4 KiB pages, a
+/// block's keys are 4 KiB); on the 2-core Zen 3 development VM every
+/// software prefetch tried was slower.
+fn prefetch_distance<const ISA: u8>() -> usize {
+    static D: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let set = *D.get_or_init(|| {
+        std::env::var("KVAULT_ATTEND_PREFETCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    set.unwrap_or(if ISA == AVX512 { 2 } else { 0 })
+}
+
+/// Asks for every line of block `b`'s keys and values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_block(kv: &HeadKv<'_>, b: usize) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    let dp = kv.geo.dp;
+    let n = dp * BLOCK;
+    let (kp, kb): (*const i8, usize) = match kv.keys {
+        Keys::F16(k) => (k[b * n..].as_ptr() as *const i8, n * 2),
+        Keys::I8 { k, .. } => (k[b * n..].as_ptr(), n),
+        Keys::U4 { k, .. } => (k[b * n / 2..].as_ptr() as *const i8, n / 2),
+    };
+    let (vp, vb): (*const i8, usize) = match kv.values {
+        Values::F16(v) => (v[b * n..].as_ptr() as *const i8, n * 2),
+        Values::I8 { v, .. } => (v[b * n..].as_ptr(), n),
+        Values::U4 { v, .. } => (v[b * n / 2..].as_ptr() as *const i8, n / 2),
+    };
+    for (p, bytes) in [(kp, kb), (vp, vb)] {
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch never faults; the address is inside the block.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
         }
     }
 }
@@ -268,7 +399,7 @@ fn run<const SIMD: bool>(kv: HeadKv<'_>, q: &[f32], scale: f32, t0: usize, t1: u
 /// One block for heads `h0..h0 + NH`: scores, softmax, values.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn tile<const SIMD: bool, const NH: usize>(
+fn tile<const ISA: u8, const NH: usize>(
     kv: &HeadKv<'_>,
     b: usize,
     h0: usize,
@@ -283,13 +414,17 @@ fn tile<const SIMD: bool, const NH: usize>(
     let qrows = &qs[h0 * dp..(h0 + NH) * dp];
     let alpha = &qq.alpha[h0 * dp..(h0 + NH) * dp];
     let bcast = (&qq.bcast[..], h0, qq.sig.len());
+    let quads = (&qq.quads[..], h0, qq.sig.len());
     let (sig, cst) = (&qq.sig[h0..h0 + NH], &qq.cst[h0..h0 + NH]);
     match kv.keys {
         Keys::F16(k) => {
             let k = &k[b * dp * BLOCK..(b + 1) * dp * BLOCK];
             #[cfg(target_arch = "x86_64")]
-            if SIMD {
-                // SAFETY: SIMD builds run inside attend_avx2; the slices hold a whole block.
+            if ISA == AVX512 {
+                // SAFETY: SIMD builds run inside attend_avx2 or attend_avx512; the slices hold a whole block.
+                unsafe { avx512::scores_f16::<NH>(k, qrows, dp, s) };
+            } else if ISA >= AVX2 {
+                // SAFETY: as above.
                 unsafe { avx2::scores_f16::<NH>(k, qrows, dp, s) };
             } else {
                 portable::scores_f16::<NH>(k, qrows, dp, s);
@@ -300,9 +435,9 @@ fn tile<const SIMD: bool, const NH: usize>(
         Keys::I8 { k, .. } => {
             let k = &k[b * dp * BLOCK..(b + 1) * dp * BLOCK];
             #[cfg(target_arch = "x86_64")]
-            if SIMD {
+            if ISA >= AVX2 {
                 // SAFETY: as above.
-                unsafe { avx2::scores_i8::<NH>(k, alpha, sig, cst, dp, s) };
+                unsafe { avx2::scores_i8::<ISA, NH>(k, alpha, sig, cst, dp, s) };
             } else {
                 portable::scores_i8::<NH>(k, alpha, sig, cst, dp, s);
             }
@@ -312,7 +447,10 @@ fn tile<const SIMD: bool, const NH: usize>(
         Keys::U4 { k, .. } => {
             let k = &k[b * dp * BLOCK / 2..(b + 1) * dp * BLOCK / 2];
             #[cfg(target_arch = "x86_64")]
-            if SIMD {
+            if ISA == AVX512 {
+                // SAFETY: as above.
+                unsafe { avx512::scores_u4::<NH>(k, quads, sig, cst, dp, s) };
+            } else if ISA >= AVX2 {
                 // SAFETY: as above.
                 unsafe { avx2::scores_u4::<NH>(k, bcast, sig, cst, dp, s) };
             } else {
@@ -334,7 +472,7 @@ fn tile<const SIMD: bool, const NH: usize>(
         &mut st.z[h0..h0 + NH],
     );
     #[cfg(target_arch = "x86_64")]
-    if SIMD {
+    if ISA >= AVX2 {
         // SAFETY: as above.
         unsafe { avx2::softmax::<NH>(s, m, l, z, acc, dp) };
     } else {
@@ -347,7 +485,10 @@ fn tile<const SIMD: bool, const NH: usize>(
         Values::F16(v) => {
             let v = &v[t.start * dp..t.end * dp];
             #[cfg(target_arch = "x86_64")]
-            if SIMD {
+            if ISA == AVX512 {
+                // SAFETY: as above.
+                unsafe { avx512::values_f16::<NH>(v, s, acc, dp) };
+            } else if ISA >= AVX2 {
                 // SAFETY: as above.
                 unsafe { avx2::values_f16::<NH>(v, s, acc, dp) };
             } else {
@@ -359,9 +500,9 @@ fn tile<const SIMD: bool, const NH: usize>(
         Values::I8 { v, scale } => {
             let (v, sc) = (&v[t.start * dp..t.end * dp], &scale[t]);
             #[cfg(target_arch = "x86_64")]
-            if SIMD {
+            if ISA >= AVX2 {
                 // SAFETY: as above.
-                unsafe { avx2::values_i8::<NH>(v, sc, s, acc, dp) };
+                unsafe { avx2::values_i8::<ISA, NH>(v, sc, s, acc, dp) };
             } else {
                 portable::values_i8::<NH>(v, sc, s, acc, dp);
             }
@@ -375,7 +516,10 @@ fn tile<const SIMD: bool, const NH: usize>(
                 &offset[t],
             );
             #[cfg(target_arch = "x86_64")]
-            if SIMD {
+            if ISA == AVX512 {
+                // SAFETY: as above.
+                unsafe { avx512::values_u4::<NH>(v, sc, off, s, z, acc, dp) };
+            } else if ISA >= AVX2 {
                 // SAFETY: as above.
                 unsafe { avx2::values_u4::<NH>(v, sc, off, s, z, acc, dp) };
             } else {
@@ -618,7 +762,7 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn hsum(x: __m256) -> f32 {
+    pub(super) unsafe fn hsum(x: __m256) -> f32 {
         unsafe {
             let y = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
             let y = _mm_add_ps(y, _mm_movehl_ps(y, y));
@@ -754,7 +898,7 @@ mod avx2 {
     /// Scores `sig·Σ + cst` of a block's integer sums (tokens 0..8 in `a0`,
     /// 8..16 in `a1`), per head.
     #[inline(always)]
-    unsafe fn store_scores<const NH: usize>(
+    pub(super) unsafe fn store_scores<const NH: usize>(
         a0: &[__m256i; NH],
         a1: &[__m256i; NH],
         sig: &[f32],
@@ -776,8 +920,21 @@ mod avx2 {
         }
     }
 
+    /// `acc + Σ` of the i16 pair products of `a` and `b` per i32 lane:
+    /// one `vpdpwssd` in the AVX-512 build.
     #[inline(always)]
-    pub unsafe fn scores_i8<const NH: usize>(
+    unsafe fn dot2<const ISA: u8>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        unsafe {
+            if ISA == AVX512 {
+                _mm256_dpwssd_epi32(acc, a, b)
+            } else {
+                _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub unsafe fn scores_i8<const ISA: u8, const NH: usize>(
         k: &[i8],
         alpha: &[i16],
         sig: &[f32],
@@ -797,8 +954,8 @@ mod avx2 {
                 let hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(kp.add(2 * j + 1)));
                 for h in 0..NH {
                     let qw = _mm256_set1_epi32(pp.add(h * dp / 2 + j).read_unaligned());
-                    a0[h] = _mm256_add_epi32(a0[h], _mm256_madd_epi16(lo, qw));
-                    a1[h] = _mm256_add_epi32(a1[h], _mm256_madd_epi16(hi, qw));
+                    a0[h] = dot2::<ISA>(a0[h], lo, qw);
+                    a1[h] = dot2::<ISA>(a1[h], hi, qw);
                 }
             }
             store_scores::<NH>(&a0, &a1, sig, cst, s);
@@ -808,7 +965,7 @@ mod avx2 {
     /// The codes of 4-bit units `2m` and `2m+1` stored at `p` (see
     /// [`super::super::layout::nibble`]), as bytes 0..=15.
     #[inline(always)]
-    unsafe fn unpack2(p: *const __m256i, mask: __m256i) -> (__m256i, __m256i) {
+    pub(super) unsafe fn unpack2(p: *const __m256i, mask: __m256i) -> (__m256i, __m256i) {
         unsafe {
             let x = _mm256_loadu_si256(p);
             (
@@ -932,7 +1089,7 @@ mod avx2 {
     /// The block's weights `p·scale` of head row `p`, rounded to integers
     /// `0..=lim`, as sixteen i16 in token order; returns the step too.
     #[inline(always)]
-    unsafe fn quantise_weights(p: &[f32; BLOCK], scale: &[f32], lim: f32) -> (f32, __m256i) {
+    pub(super) unsafe fn quantise_weights(p: &[f32; BLOCK], scale: &[f32], lim: f32) -> (f32, __m256i) {
         unsafe {
             let w0 = _mm256_mul_ps(_mm256_loadu_ps(p.as_ptr()), _mm256_loadu_ps(scale.as_ptr()));
             let w1 = _mm256_mul_ps(
@@ -953,7 +1110,7 @@ mod avx2 {
     }
 
     #[inline(always)]
-    pub unsafe fn values_i8<const NH: usize>(
+    pub unsafe fn values_i8<const ISA: u8, const NH: usize>(
         v: &[i8],
         scale: &[f32],
         p: &[[f32; BLOCK]; TILE],
@@ -981,8 +1138,8 @@ mod avx2 {
                     let hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(row.add(1)));
                     for h in 0..NH {
                         let w = _mm256_set1_epi32(pw[h][j]);
-                        a0[h] = _mm256_add_epi32(a0[h], _mm256_madd_epi16(lo, w));
-                        a1[h] = _mm256_add_epi32(a1[h], _mm256_madd_epi16(hi, w));
+                        a0[h] = dot2::<ISA>(a0[h], lo, w);
+                        a1[h] = dot2::<ISA>(a1[h], hi, w);
                     }
                 }
                 for h in 0..NH {
@@ -1067,6 +1224,189 @@ mod avx2 {
     }
 }
 
+/// The AVX-512 build's own stages: f16 on 512-bit registers, and the 4-bit
+/// layouts through VNNI. The layouts are AVX2's; for 4-bit codes, one
+/// `vpunpck{l,h}wd` of two units' codes (shared by every head) gives the
+/// four consecutive bytes `vpdpbusd` sums per i32 lane (four channels of a
+/// token for keys, four tokens of a channel for values), so the sums
+/// accumulate in i32 with no widening. Each stage's integer sums equal the
+/// AVX2 stage's, and their f32 steps are the same instructions.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod avx512 {
+    use super::avx2::{hsum, quantise_weights, store_scores, unpack2};
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// `(a, b)` with lanes in the order `vpunpck{l,h}wd` leaves them, each
+    /// holding items `[0..4, 8..12]` and `[4..8, 12..16]` of sixteen: back
+    /// in order as `([0..8], [8..16])`.
+    #[inline(always)]
+    unsafe fn in_order(a: __m256i, b: __m256i) -> (__m256i, __m256i) {
+        unsafe {
+            (
+                _mm256_permute2x128_si256(a, b, 0x20),
+                _mm256_permute2x128_si256(a, b, 0x31),
+            )
+        }
+    }
+
+    /// [`super::avx2::scores_f16`] with a block's sixteen tokens in one
+    /// 512-bit register: each lane's FMAs are AVX2's, in the same order.
+    #[inline(always)]
+    pub unsafe fn scores_f16<const NH: usize>(k: &[f16], q: &[f32], dp: usize, s: &mut [[f32; BLOCK]; TILE]) {
+        debug_assert!(k.len() >= dp * BLOCK && q.len() >= NH * dp);
+        unsafe {
+            let kp = k.as_ptr() as *const __m256i;
+            let qp = q.as_ptr();
+            let mut a = [_mm512_setzero_ps(); NH];
+            for c in 0..dp {
+                let kc = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(c)));
+                for h in 0..NH {
+                    a[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(h * dp + c)), kc, a[h]);
+                }
+            }
+            for h in 0..NH {
+                _mm512_storeu_ps(s[h].as_mut_ptr(), a[h]);
+            }
+        }
+    }
+
+    /// [`super::avx2::values_f16`] with a run's sixteen channels in one
+    /// 512-bit register: each lane's FMAs are AVX2's, in the same order.
+    #[inline(always)]
+    pub unsafe fn values_f16<const NH: usize>(
+        v: &[f16],
+        p: &[[f32; BLOCK]; TILE],
+        acc: &mut [f32],
+        dp: usize,
+    ) {
+        debug_assert!(v.len() >= dp * BLOCK && acc.len() >= NH * dp);
+        unsafe {
+            let vp = v.as_ptr() as *const __m256i;
+            let ap = acc.as_mut_ptr();
+            for r in 0..dp / 16 {
+                let mut o = [_mm512_setzero_ps(); NH];
+                for h in 0..NH {
+                    o[h] = _mm512_loadu_ps(ap.add(h * dp + r * 16));
+                }
+                for i in 0..BLOCK {
+                    let row = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(r * BLOCK + i)));
+                    for h in 0..NH {
+                        o[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[h][i]), row, o[h]);
+                    }
+                }
+                for h in 0..NH {
+                    _mm512_storeu_ps(ap.add(h * dp + r * 16), o[h]);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub unsafe fn scores_u4<const NH: usize>(
+        k: &[u8],
+        (quads, h0, g): (&[i32], usize, usize),
+        sig: &[f32],
+        cst: &[f32],
+        dp: usize,
+        s: &mut [[f32; BLOCK]; TILE],
+    ) {
+        debug_assert!(k.len() >= dp * BLOCK / 2 && quads.len() >= g * dp / 4 && h0 + NH <= g);
+        unsafe {
+            let kp = k.as_ptr() as *const __m256i;
+            // Channels 4m..4m+4 of head h0 + h at m·g + h0 + h.
+            let qp = quads.as_ptr().add(h0);
+            let mask = _mm256_set1_epi8(0x0f);
+            let mut a = [_mm256_setzero_si256(); NH];
+            let mut b = [_mm256_setzero_si256(); NH];
+            for m in 0..dp / 4 {
+                // Channel pairs 2m and 2m+1 of the block's sixteen tokens; interleaved,
+                // the four channels of tokens 0..4, 8..12 (lo) and 4..8, 12..16 (hi).
+                let (c0, c1) = unpack2(kp.add(m), mask);
+                let (lo, hi) = (_mm256_unpacklo_epi16(c0, c1), _mm256_unpackhi_epi16(c0, c1));
+                for h in 0..NH {
+                    let q = _mm256_set1_epi32(qp.add(m * g + h).read());
+                    a[h] = _mm256_dpbusd_epi32(a[h], lo, q);
+                    b[h] = _mm256_dpbusd_epi32(b[h], hi, q);
+                }
+            }
+            let mut a0 = [_mm256_setzero_si256(); NH];
+            let mut a1 = [_mm256_setzero_si256(); NH];
+            for h in 0..NH {
+                (a0[h], a1[h]) = in_order(a[h], b[h]);
+            }
+            store_scores::<NH>(&a0, &a1, sig, cst, s);
+        }
+    }
+
+    #[inline(always)]
+    pub unsafe fn values_u4<const NH: usize>(
+        v: &[u8],
+        scale: &[f32],
+        offset: &[f32],
+        p: &[[f32; BLOCK]; TILE],
+        z: &mut [f32],
+        acc: &mut [f32],
+        dp: usize,
+    ) {
+        debug_assert!(v.len() >= dp * BLOCK / 2 && scale.len() >= BLOCK && offset.len() >= BLOCK);
+        debug_assert!(acc.len() >= NH * dp && z.len() >= NH);
+        unsafe {
+            // Quad j of head h: the weights of tokens 4j..4j+4 as bytes of one i32.
+            let mut wq = [[0i32; BLOCK / 4]; TILE];
+            let mut step = [0f32; TILE];
+            for h in 0..NH {
+                let pi;
+                (step[h], pi) = quantise_weights(&p[h], scale, 255.0);
+                let zp = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(p[h].as_ptr()),
+                    _mm256_loadu_ps(offset.as_ptr()),
+                    _mm256_mul_ps(
+                        _mm256_loadu_ps(p[h].as_ptr().add(8)),
+                        _mm256_loadu_ps(offset.as_ptr().add(8)),
+                    ),
+                );
+                z[h] += hsum(zp);
+                // i32 lanes 0, 1: tokens 0..8; lanes 4, 5: tokens 8..16.
+                let mut b = [0i32; 8];
+                _mm256_storeu_si256(b.as_mut_ptr() as *mut __m256i, _mm256_packus_epi16(pi, pi));
+                wq[h] = [b[0], b[1], b[4], b[5]];
+            }
+            let vp = v.as_ptr() as *const __m256i;
+            let ap = acc.as_mut_ptr();
+            let mask = _mm256_set1_epi8(0x0f);
+            let eight = _mm256_set1_epi8(8);
+            for u in 0..dp / 16 {
+                let mut a = [_mm256_setzero_si256(); NH];
+                let mut b = [_mm256_setzero_si256(); NH];
+                for j in (0..BLOCK / 2).step_by(2) {
+                    // Token pairs j and j+1 of the run's sixteen channels; interleaved,
+                    // the four tokens of channels 0..4, 8..12 (lo) and 4..8, 12..16 (hi).
+                    let (c0, c1) = unpack2(vp.add((u * 8 + j) / 2), mask);
+                    let (c0, c1) = (_mm256_sub_epi8(c0, eight), _mm256_sub_epi8(c1, eight));
+                    let (lo, hi) = (_mm256_unpacklo_epi16(c0, c1), _mm256_unpackhi_epi16(c0, c1));
+                    for h in 0..NH {
+                        let w = _mm256_set1_epi32(wq[h][j / 2]);
+                        a[h] = _mm256_dpbusd_epi32(a[h], w, lo);
+                        b[h] = _mm256_dpbusd_epi32(b[h], w, hi);
+                    }
+                }
+                for h in 0..NH {
+                    let st = _mm256_set1_ps(step[h]);
+                    let o = ap.add(h * dp + u * 16);
+                    let (lo, hi) = in_order(a[h], b[h]);
+                    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), st, _mm256_loadu_ps(o)));
+                    _mm256_storeu_ps(
+                        o.add(8),
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), st, _mm256_loadu_ps(o.add(8))),
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::layout::{Format, Plane, padded_dim};
@@ -1074,6 +1414,14 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     const FORMATS: [Format; 4] = [Format::F16, Format::Int8, Format::K8V4, Format::K4V4];
+
+    /// The builds this CPU runs.
+    fn builds() -> Vec<Build> {
+        [Build::Portable, Build::Avx2, Build::Avx512]
+            .into_iter()
+            .filter(|b| b.available())
+            .collect()
+    }
 
     /// Rows `[t][d]` uniform in ±`amp`, channel 3 (keys' outlier) ten times wider.
     fn rows(rng: &mut impl Rng, t: usize, d: usize, amp: f32) -> Vec<f16> {
@@ -1114,16 +1462,10 @@ mod tests {
         t0: usize,
         t1: usize,
         split: Option<usize>,
-        simd: bool,
+        build: Build,
     ) -> (Vec<f32>, Vec<f32>) {
         let d = kv.geo.d;
-        let go = |st: &mut State, a, b| {
-            if simd {
-                attend(kv, q, scale, a, b, st)
-            } else {
-                attend_portable(kv, q, scale, a, b, st)
-            }
-        };
+        let go = |st: &mut State, a, b| attend_with(build, kv, q, scale, a, b, st);
         let mut st = State::new(g, d);
         match split {
             None => go(&mut st, t0, t1),
@@ -1184,7 +1526,7 @@ mod tests {
         check(&xs.iter().map(|x| exp_neg(*x)).collect::<Vec<_>>());
         assert_eq!([-100.0f32, -87.5, 0.0].map(exp_neg), [0.0, 0.0, 1.0]);
         #[cfg(target_arch = "x86_64")]
-        if simd_available() {
+        if Build::Avx2.available() {
             #[target_feature(enable = "avx2,fma,f16c")]
             fn exp_all(xs: &[f32]) -> Vec<f32> {
                 use std::arch::x86_64::*;
@@ -1233,8 +1575,8 @@ mod tests {
                         (130, t, Some(131)),
                         (3, 29, Some(16)),
                     ] {
-                        for simd in [true, false] {
-                            let (o, lse) = run(kv, &q, g, scale, t0, t1, split, simd);
+                        for build in builds() {
+                            let (o, lse) = run(kv, &q, g, scale, t0, t1, split, build);
                             for h in 0..g {
                                 let qh = &q[h * d..(h + 1) * d];
                                 let (ro, rl) = reference(&kv, qh, scale as f64, t0, t1);
@@ -1243,14 +1585,14 @@ mod tests {
                                 let tol_l = eq + 1e-5 * (1.0 + rl.abs());
                                 assert!(
                                     (lse[h] as f64 - rl).abs() <= tol_l,
-                                    "{f:?} g {g} {t0}..{t1} simd {simd}: lse {} vs {rl}",
+                                    "{f:?} g {g} {t0}..{t1} {build:?}: lse {} vs {rl}",
                                     lse[h]
                                 );
                                 for c in 0..d {
                                     let e = (o[h * d + c] as f64 - ro[c]).abs();
                                     assert!(
                                         e <= tol_o,
-                                        "{f:?} d {d} g {g} {t0}..{t1} simd {simd}: o[{h}][{c}] = {}, want {} (tolerance {tol_o})",
+                                        "{f:?} d {d} g {g} {t0}..{t1} {build:?}: o[{h}][{c}] = {}, want {} (tolerance {tol_o})",
                                         o[h * d + c],
                                         ro[c]
                                     );
@@ -1267,7 +1609,7 @@ mod tests {
     /// parts differ by rounding (which can move an integer weight by one).
     #[test]
     fn portable_build_agrees_with_the_simd_one() {
-        if !simd_available() {
+        if !Build::Avx2.available() {
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
@@ -1276,11 +1618,37 @@ mod tests {
         let q: Vec<f32> = (0..g * d).map(|_| rng.random_range(-2.0f32..2.0)).collect();
         for f in FORMATS {
             let plane = Plane::pack(f, &k, &v, Geometry::new(t, d));
-            let (a, la) = run(plane.view(), &q, g, 0.09, 9, t, None, true);
-            let (b, lb) = run(plane.view(), &q, g, 0.09, 9, t, None, false);
+            let (a, la) = run(plane.view(), &q, g, 0.09, 9, t, None, Build::Avx2);
+            let (b, lb) = run(plane.view(), &q, g, 0.09, 9, t, None, Build::Portable);
             let tol = if f == Format::F16 { 1e-5 } else { 2e-3 };
             for (x, y) in a.iter().zip(&b).chain(la.iter().zip(&lb)) {
                 assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{f:?}: {x} vs {y}");
+            }
+        }
+    }
+
+    /// The AVX-512 build's integer sums are the AVX2 build's and its f32 steps
+    /// the same instructions: equal outputs, bit for bit, on every layout,
+    /// head tile and unaligned range (skipped on a CPU without AVX-512 VNNI).
+    #[test]
+    fn avx512_build_equals_the_avx2_one_bit_for_bit() {
+        if !Build::Avx512.available() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for (t, d) in [(517usize, 128usize), (300, 40), (64, 1040)] {
+            let (k, v) = (rows(&mut rng, t, d, 1.5), rows(&mut rng, t, d, 2.0));
+            for g in [1usize, 2, 3, 4, 7] {
+                let q: Vec<f32> = (0..g * d).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                for f in FORMATS {
+                    let plane = Plane::pack(f, &k, &v, Geometry::new(t, d));
+                    for (t0, t1, split) in [(0, t, None), (9, t - 3, Some(t / 2)), (17, 18, None)] {
+                        let a = run(plane.view(), &q, g, 0.09, t0, t1, split, Build::Avx512);
+                        let b = run(plane.view(), &q, g, 0.09, t0, t1, split, Build::Avx2);
+                        assert_eq!(a, b, "{f:?} d {d} g {g} {t0}..{t1}");
+                    }
+                }
             }
         }
     }
@@ -1301,8 +1669,8 @@ mod tests {
         for f in FORMATS {
             let plane = Plane::pack(f, &k, &v, Geometry::new(t, d));
             let kv = plane.view();
-            for simd in [true, false] {
-                let (o, lse) = run(kv, &q, g, 0.01, 0, t, None, simd);
+            for build in builds() {
+                let (o, lse) = run(kv, &q, g, 0.01, 0, t, None, build);
                 let (ro, rl) = reference(&kv, &q[..d], 0.01, 0, t);
                 let (eq, ew) = rounding_bounds(&kv, &q[..d], 0.01, 0, t);
                 assert!(
@@ -1313,7 +1681,7 @@ mod tests {
                 for c in 0..d {
                     assert!(
                         (o[c] as f64 - ro[c]).abs() <= (2.0 * eq).exp_m1() * 1.5 + ew + 2e-5,
-                        "{f:?} simd {simd} o[{c}]"
+                        "{f:?} {build:?} o[{c}]"
                     );
                 }
             }
@@ -1326,7 +1694,7 @@ mod tests {
         for f in FORMATS {
             let plane = Plane::pack(f, &k, &k, Geometry::new(8, 4));
             for (a, b) in [(1, 1), (5, 3), (8, 20)] {
-                let (o, lse) = run(plane.view(), &[1.0; 8], 2, 1.0, a, b, None, true);
+                let (o, lse) = run(plane.view(), &[1.0; 8], 2, 1.0, a, b, None, Build::best());
                 assert_eq!(lse, [f32::NEG_INFINITY; 2], "{f:?}");
                 assert_eq!(o, [0.0; 8], "{f:?}");
             }

@@ -92,6 +92,8 @@ const MAX_Q_HEADS: u32 = 1024;
 /// Tokens of one worker task at least: smaller pieces cost more in merging than they gain.
 /// A multiple of the key group, as every piece boundary is.
 const MIN_TASK_TOKENS: usize = 4 * layout::KEY_GROUP;
+/// Worker tasks a step aims at per thread.
+const TASKS_PER_THREAD: usize = 16;
 
 /// The attention side of the server: sessions and the stream handler.
 pub struct Attend {
@@ -469,8 +471,9 @@ fn error_partial(e: &AttendError) -> pb::AttendPartial {
 fn compute(ready: &[(usize, Prepared)]) -> Vec<(Vec<f32>, Vec<f32>)> {
     let threads = rayon::current_num_threads().max(1);
     let heads_total: usize = ready.iter().map(|(_, p)| p.session.kv_heads).sum();
-    // Pieces per (query, head): enough tasks for every thread a few times over.
-    let want = (4 * threads).div_ceil(heads_total.max(1));
+    // Pieces per (query, head): enough tasks for every thread many times over, so
+    // that a step's last tasks (it ends when all do) are short beside the step.
+    let want = (TASKS_PER_THREAD * threads).div_ceil(heads_total.max(1));
     let mut tasks = Vec::new();
     for (qi, (_, p)) in ready.iter().enumerate() {
         let len = p.end - p.start;
