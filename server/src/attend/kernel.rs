@@ -762,7 +762,7 @@ mod avx2 {
     }
 
     #[inline(always)]
-    pub(super) unsafe fn hsum(x: __m256) -> f32 {
+    unsafe fn hsum(x: __m256) -> f32 {
         unsafe {
             let y = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
             let y = _mm_add_ps(y, _mm_movehl_ps(y, y));
@@ -1089,7 +1089,7 @@ mod avx2 {
     /// The block's weights `p·scale` of head row `p`, rounded to integers
     /// `0..=lim`, as sixteen i16 in token order; returns the step too.
     #[inline(always)]
-    pub(super) unsafe fn quantise_weights(p: &[f32; BLOCK], scale: &[f32], lim: f32) -> (f32, __m256i) {
+    unsafe fn quantise_weights(p: &[f32; BLOCK], scale: &[f32], lim: f32) -> (f32, __m256i) {
         unsafe {
             let w0 = _mm256_mul_ps(_mm256_loadu_ps(p.as_ptr()), _mm256_loadu_ps(scale.as_ptr()));
             let w1 = _mm256_mul_ps(
@@ -1106,6 +1106,30 @@ mod avx2 {
                 step,
                 _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0b11_01_10_00),
             )
+        }
+    }
+
+    /// A block's weights of head row `p` for 4-bit values: folds `p·offset`
+    /// into the head's common part `z` and returns [`quantise_weights`] of
+    /// `p·scale` to `0..=255`.
+    #[inline(always)]
+    pub(super) unsafe fn u4_weights(
+        p: &[f32; BLOCK],
+        scale: &[f32],
+        offset: &[f32],
+        z: &mut f32,
+    ) -> (f32, __m256i) {
+        unsafe {
+            let zp = _mm256_fmadd_ps(
+                _mm256_loadu_ps(p.as_ptr()),
+                _mm256_loadu_ps(offset.as_ptr()),
+                _mm256_mul_ps(
+                    _mm256_loadu_ps(p.as_ptr().add(8)),
+                    _mm256_loadu_ps(offset.as_ptr().add(8)),
+                ),
+            );
+            *z += hsum(zp);
+            quantise_weights(p, scale, 255.0)
         }
     }
 
@@ -1175,16 +1199,7 @@ mod avx2 {
             let mut step = [0f32; TILE];
             for h in 0..NH {
                 let pi;
-                (step[h], pi) = quantise_weights(&p[h], scale, 255.0);
-                let zp = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(p[h].as_ptr()),
-                    _mm256_loadu_ps(offset.as_ptr()),
-                    _mm256_mul_ps(
-                        _mm256_loadu_ps(p[h].as_ptr().add(8)),
-                        _mm256_loadu_ps(offset.as_ptr().add(8)),
-                    ),
-                );
-                z[h] += hsum(zp);
+                (step[h], pi) = u4_weights(&p[h], scale, offset, &mut z[h]);
                 // Lane j = π(2j) + 256·π(2j+1), doubled into both halves, then broadcast.
                 let w = _mm256_madd_epi16(pi, _mm256_set1_epi32(0x0100_0001));
                 let w = _mm256_or_si256(w, _mm256_slli_epi32(w, 16));
@@ -1234,7 +1249,7 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
-    use super::avx2::{hsum, quantise_weights, store_scores, unpack2};
+    use super::avx2::{store_scores, u4_weights, unpack2};
     use super::*;
     use std::arch::x86_64::*;
 
@@ -1358,16 +1373,7 @@ mod avx512 {
             let mut step = [0f32; TILE];
             for h in 0..NH {
                 let pi;
-                (step[h], pi) = quantise_weights(&p[h], scale, 255.0);
-                let zp = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(p[h].as_ptr()),
-                    _mm256_loadu_ps(offset.as_ptr()),
-                    _mm256_mul_ps(
-                        _mm256_loadu_ps(p[h].as_ptr().add(8)),
-                        _mm256_loadu_ps(offset.as_ptr().add(8)),
-                    ),
-                );
-                z[h] += hsum(zp);
+                (step[h], pi) = u4_weights(&p[h], scale, offset, &mut z[h]);
                 // i32 lanes 0, 1: tokens 0..8; lanes 4, 5: tokens 8..16.
                 let mut b = [0i32; 8];
                 _mm256_storeu_si256(b.as_mut_ptr() as *mut __m256i, _mm256_packus_epi16(pi, pi));
