@@ -218,7 +218,7 @@ struct QuantQ {
     bcast: Vec<[u16; 16]>,
     /// 4-bit keys in the AVX-512 build: each four channels' α as int8, in one
     /// i32 (what `vpdpbusd` multiplies a token's four codes by, broadcast
-    /// from memory), `[dp/4][G]`.
+    /// from memory), `[G][dp/4]`: a head's α packed to bytes in order.
     quads: Vec<i32>,
 }
 
@@ -279,11 +279,10 @@ impl QuantQ {
                 let z: f32 = lanes.iter().sum();
                 self.cst[h] = z - 8.0 * sig * sum_alpha as f32;
                 let g = self.sig.len();
+                #[cfg(target_arch = "x86_64")]
                 if ISA == AVX512 {
-                    let quad = |x: &[i16]| i32::from_le_bytes(std::array::from_fn(|i| x[i] as i8 as u8));
-                    for (m, x) in alpha.chunks_exact(4).enumerate() {
-                        self.quads[m * g + h] = quad(x);
-                    }
+                    // SAFETY: only inside attend_avx512; quads holds g rows of dp/4.
+                    unsafe { avx512::pack_quads(alpha, &mut self.quads[h * dp / 4..(h + 1) * dp / 4]) };
                     continue;
                 }
                 #[cfg(target_arch = "x86_64")]
@@ -328,6 +327,12 @@ fn run<const ISA: u8>(kv: HeadKv<'_>, q: &[f32], scale: f32, t0: usize, t1: usiz
     } else {
         0
     };
+    // The AVX-512 4-bit value stage leaves each run's channels in vpunpck's
+    // order; it keeps the accumulator in that order while it runs.
+    let lane_order = ISA == AVX512 && matches!(kv.values, Values::U4 { .. });
+    if lane_order {
+        swap_middle_quads(&mut st.acc);
+    }
     for b in b0..b1 {
         #[cfg(target_arch = "x86_64")]
         if pf > 0 && b + pf < b1 {
@@ -351,15 +356,29 @@ fn run<const ISA: u8>(kv: HeadKv<'_>, q: &[f32], scale: f32, t0: usize, t1: usiz
             h0 += nh;
         }
     }
+    if lane_order {
+        swap_middle_quads(&mut st.acc);
+    }
+}
+
+/// Swaps items 4..8 and 8..12 of every sixteen: between channel order and
+/// the order `vpunpck{l,h}wd` leaves a run of sixteen channels in (its own
+/// inverse).
+fn swap_middle_quads(acc: &mut [f32]) {
+    for run in acc.chunks_exact_mut(16) {
+        let (a, b) = run[4..12].split_at_mut(4);
+        a.swap_with_slice(b);
+    }
 }
 
 /// Blocks a SIMD build asks for ahead of the one it computes: by default 2
 /// in the AVX-512 build and none in the AVX2 one, or `KVAULT_ATTEND_PREFETCH`.
 ///
-/// Measured (docs/figures.md, attention offload): on a 16-core Xeon
-/// the f16 layout reads 0.67–0.71 of STREAM triad without and 0.74–0.76 with
+/// Measured (docs/figures.md, attention offload): on a 16-core Xeon the
+/// f16 layout reads 0.67–0.71 of STREAM triad without and 0.76–0.94 with
 /// two blocks ahead (its hardware prefetchers stop at 4 KiB pages, a
-/// block's keys are 4 KiB); on the 2-core Zen 3 development VM every
+/// block's keys are 4 KiB), and the 4-bit layout gains 8–15 % since its
+/// integer stages got lighter; on the 2-core Zen 3 development VM every
 /// software prefetch tried was slower.
 fn prefetch_distance<const ISA: u8>() -> usize {
     static D: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
@@ -1318,6 +1337,27 @@ mod avx512 {
         }
     }
 
+    /// Packs one head's integer query (within ±127, `dp` a multiple of 16)
+    /// into bytes in channel order: `out[m]` holds channels 4m..4m+4.
+    #[inline(always)]
+    pub unsafe fn pack_quads(alpha: &[i16], out: &mut [i32]) {
+        let dp = alpha.len();
+        debug_assert!(dp.is_multiple_of(16) && out.len() >= dp / 4);
+        unsafe {
+            let o = out.as_mut_ptr() as *mut __m128i;
+            for c in (0..dp).step_by(16) {
+                // Bytes 0..8 of each lane: channels c..c+8, then c+8..c+16; the
+                // permute brings both halves into the low lane, in order.
+                let b = _mm256_packs_epi16(
+                    _mm256_loadu_si256(alpha.as_ptr().add(c) as *const __m256i),
+                    _mm256_setzero_si256(),
+                );
+                let b = _mm256_permute4x64_epi64(b, 0b11_01_10_00);
+                _mm_storeu_si128(o.add(c / 16), _mm256_castsi256_si128(b));
+            }
+        }
+    }
+
     #[inline(always)]
     pub unsafe fn scores_u4<const NH: usize>(
         k: &[u8],
@@ -1330,8 +1370,8 @@ mod avx512 {
         debug_assert!(k.len() >= dp * BLOCK / 2 && quads.len() >= g * dp / 4 && h0 + NH <= g);
         unsafe {
             let kp = k.as_ptr() as *const __m256i;
-            // Channels 4m..4m+4 of head h0 + h at m·g + h0 + h.
-            let qp = quads.as_ptr().add(h0);
+            // Channels 4m..4m+4 of head h0 + h at (h0 + h)·dp/4 + m.
+            let qp = quads.as_ptr().add(h0 * dp / 4);
             let mask = _mm256_set1_epi8(0x0f);
             let mut a = [_mm256_setzero_si256(); NH];
             let mut b = [_mm256_setzero_si256(); NH];
@@ -1341,7 +1381,7 @@ mod avx512 {
                 let (c0, c1) = unpack2(kp.add(m), mask);
                 let (lo, hi) = (_mm256_unpacklo_epi16(c0, c1), _mm256_unpackhi_epi16(c0, c1));
                 for h in 0..NH {
-                    let q = _mm256_set1_epi32(qp.add(m * g + h).read());
+                    let q = _mm256_set1_epi32(qp.add(h * dp / 4 + m).read());
                     a[h] = _mm256_dpbusd_epi32(a[h], lo, q);
                     b[h] = _mm256_dpbusd_epi32(b[h], hi, q);
                 }
@@ -1371,6 +1411,9 @@ mod avx512 {
             // Quad j of head h: the weights of tokens 4j..4j+4 as bytes of one i32.
             let mut wq = [[0i32; BLOCK / 4]; TILE];
             let mut step = [0f32; TILE];
+            // −8·Σπ in every lane: the sums start there and add π·κ over the raw
+            // codes, so they equal AVX2's Σ π·(κ − 8) with no per-code subtraction.
+            let mut init = [_mm256_setzero_si256(); NH];
             for h in 0..NH {
                 let pi;
                 (step[h], pi) = u4_weights(&p[h], scale, offset, &mut z[h]);
@@ -1378,19 +1421,21 @@ mod avx512 {
                 let mut b = [0i32; 8];
                 _mm256_storeu_si256(b.as_mut_ptr() as *mut __m256i, _mm256_packus_epi16(pi, pi));
                 wq[h] = [b[0], b[1], b[4], b[5]];
+                let x = _mm256_madd_epi16(pi, _mm256_set1_epi16(-8));
+                let x = _mm256_add_epi32(x, _mm256_permute2x128_si256(x, x, 0x01));
+                let x = _mm256_add_epi32(x, _mm256_shuffle_epi32(x, 0b01_00_11_10));
+                init[h] = _mm256_add_epi32(x, _mm256_shuffle_epi32(x, 0b10_11_00_01));
             }
             let vp = v.as_ptr() as *const __m256i;
             let ap = acc.as_mut_ptr();
             let mask = _mm256_set1_epi8(0x0f);
-            let eight = _mm256_set1_epi8(8);
             for u in 0..dp / 16 {
-                let mut a = [_mm256_setzero_si256(); NH];
-                let mut b = [_mm256_setzero_si256(); NH];
+                let mut a = init;
+                let mut b = init;
                 for j in (0..BLOCK / 2).step_by(2) {
                     // Token pairs j and j+1 of the run's sixteen channels; interleaved,
                     // the four tokens of channels 0..4, 8..12 (lo) and 4..8, 12..16 (hi).
                     let (c0, c1) = unpack2(vp.add((u * 8 + j) / 2), mask);
-                    let (c0, c1) = (_mm256_sub_epi8(c0, eight), _mm256_sub_epi8(c1, eight));
                     let (lo, hi) = (_mm256_unpacklo_epi16(c0, c1), _mm256_unpackhi_epi16(c0, c1));
                     for h in 0..NH {
                         let w = _mm256_set1_epi32(wq[h][j / 2]);
@@ -1398,14 +1443,18 @@ mod avx512 {
                         b[h] = _mm256_dpbusd_epi32(b[h], w, hi);
                     }
                 }
+                // The accumulator is in that same lane order while this build runs
+                // (`run` swaps it in and out), so no permute is needed here.
                 for h in 0..NH {
                     let st = _mm256_set1_ps(step[h]);
                     let o = ap.add(h * dp + u * 16);
-                    let (lo, hi) = in_order(a[h], b[h]);
-                    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), st, _mm256_loadu_ps(o)));
+                    _mm256_storeu_ps(
+                        o,
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[h]), st, _mm256_loadu_ps(o)),
+                    );
                     _mm256_storeu_ps(
                         o.add(8),
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), st, _mm256_loadu_ps(o.add(8))),
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(b[h]), st, _mm256_loadu_ps(o.add(8))),
                     );
                 }
             }
