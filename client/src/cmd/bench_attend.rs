@@ -6,9 +6,11 @@
 //! latency over loopback at batch 1 and 32.
 //!
 //! The workers are measured through a real server on loopback with steps
-//! large enough (every layer of a long context per step) that the RPC costs
-//! well under a percent of the step; a step reads every byte of its
-//! sessions once, so GB/s is the session's size times steps per second.
+//! large enough (every layer of a long context per step) that the RPC is a
+//! few percent of the step, and two streams (`--streams`) each keeping a
+//! step in flight, so that the workers do not wait on it; a step reads every
+//! byte of its session once, so GB/s is the session's size times steps per
+//! second.
 //! The layouts take turns over a few rounds and each keeps its best, as
 //! other work on a shared machine comes and goes; the run says how much
 //! CPU other processes took meanwhile.
@@ -39,6 +41,9 @@ pub struct BenchAttendArgs {
     /// Seconds of throughput measurement per layout (split over the rounds).
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
+    /// Streams that each keep one throughput step in flight (each opens its own sessions).
+    #[arg(long, default_value_t = 2)]
+    pub streams: usize,
     /// Rounds the layouts take turns in.
     #[arg(long, default_value_t = 3)]
     pub rounds_per_layout: usize,
@@ -242,8 +247,13 @@ fn query(session_id: u64, layer: u32, range: std::ops::Range<u32>, rng: &mut imp
 }
 
 /// Runs whole-context steps on `session` for about `seconds`; returns steps per second.
+///
+/// Each stream (with its own copy of the session) keeps a step in flight, as
+/// a server with more than one client sees: while one step's queries and
+/// partials cross loopback and are encoded, another's keep the workers busy,
+/// so the figure is the workers' rate rather than one client's round trip.
 async fn throughput(
-    conn: &mut AttendConn,
+    conns: &mut [AttendConn],
     session: u64,
     layers: u32,
     tokens: u32,
@@ -253,18 +263,27 @@ async fn throughput(
     let qs: Vec<Query> = (0..layers)
         .map(|l| query(session, l, 0..tokens, &mut rng))
         .collect();
-    for r in conn.step(&qs).await? {
-        r?;
+    for c in conns.iter_mut() {
+        for r in c.step(&qs).await? {
+            r?;
+        }
     }
     let t = Instant::now();
+    let runs = conns.iter_mut().map(|c| steps_until(c, &qs, t, seconds));
+    let n: u32 = futures::future::try_join_all(runs).await?.into_iter().sum();
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Runs `qs` as steps on `conn` until `seconds` after `t` (at least twice); returns the count.
+async fn steps_until(conn: &mut AttendConn, qs: &[Query], t: Instant, seconds: f64) -> anyhow::Result<u32> {
     let mut n = 0u32;
-    while n < 3 || t.elapsed().as_secs_f64() < seconds {
-        for r in conn.step(&qs).await? {
+    while n < 2 || t.elapsed().as_secs_f64() < seconds {
+        for r in conn.step(qs).await? {
             r?;
         }
         n += 1;
     }
-    Ok(n as f64 / t.elapsed().as_secs_f64())
+    Ok(n)
 }
 
 /// Per-layer round trips of `batch` queries (one per session), cycling the layers.
@@ -353,8 +372,8 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
     println!(
         "kvault bench attend: Llama-3-8B attention shape ({Q_HEADS} query heads, {KV_HEADS} KV heads, head dim {HEAD_DIM}), {threads} cores"
     );
-    if a.rounds_per_layout == 0 {
-        bail!("--rounds-per-layout must be positive");
+    if a.rounds_per_layout == 0 || a.streams == 0 {
+        bail!("--rounds-per-layout and --streams must be positive");
     }
     println!("load average (1 min) at the start: {}", load_average());
     let n = a.stream_elems;
@@ -364,10 +383,11 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
     let chunks = a.tokens.div_ceil(CHUNK) as usize;
     let dir = tempfile::tempdir()?;
     let kv_bytes = 4 * a.tokens as u64 * (a.layers * KV_HEADS * HEAD_DIM) as u64;
-    // Room for the stored chunks, and for an f16 session of them and the three
-    // quantised ones (each at most 0.52 of f16), plus the latency sessions.
+    // Room for the stored chunks, and on each stream for an f16 session of
+    // them and the three quantised ones (each at most 0.52 of f16), plus the
+    // latency sessions.
     let ram = format!("{}MiB", ((kv_bytes * 2) >> 20) + 256);
-    let attend = format!("{}MiB", ((kv_bytes * 5 / 2) >> 20) + 1024);
+    let attend = format!("{}MiB", ((kv_bytes * 5 / 2 * a.streams as u64) >> 20) + 1024);
     let server = LocalServer::start(
         &dir.path().join("data"),
         &[
@@ -397,7 +417,10 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
     for (i, k) in keys.iter().enumerate() {
         client.put(&lay, k, blobs[i % blobs.len()].clone()).await?;
     }
-    let mut conn = AttendConn::connect(&client).await?;
+    let mut conns = Vec::with_capacity(a.streams);
+    for _ in 0..a.streams {
+        conns.push(AttendConn::connect(&client).await?);
+    }
     let layouts = [
         ("f16", AttendFormat::F16),
         ("int8", AttendFormat::Int8),
@@ -407,15 +430,18 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
     let mut opened = Vec::new();
     for (i, (_, format)) in layouts.iter().enumerate() {
         let t = Instant::now();
-        let o = conn.open(i as u64 + 1, &lay, &keys, *format).await?;
+        let o = conns[0].open(i as u64 + 1, &lay, &keys, *format).await?;
         opened.push((o, t.elapsed()));
+        for c in &mut conns[1..] {
+            c.open(i as u64 + 1, &lay, &keys, *format).await?;
+        }
     }
     let cpu0 = cpu_ticks(server.pid());
     let mut steps = [0f64; 4];
     for _ in 0..a.rounds_per_layout {
         for (i, s) in steps.iter_mut().enumerate() {
             let secs = a.seconds / a.rounds_per_layout as f64;
-            *s = s.max(throughput(&mut conn, i as u64 + 1, a.layers, a.tokens, secs).await?);
+            *s = s.max(throughput(&mut conns, i as u64 + 1, a.layers, a.tokens, secs).await?);
         }
     }
     let cpu1 = cpu_ticks(server.pid());
@@ -436,8 +462,8 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "attention workers (loopback server; a step = one query of {Q_HEADS} heads on each of {} layers over {} tokens; {chunks} chunks; best of {} rounds)",
-        a.layers, a.tokens, a.rounds_per_layout
+        "attention workers (loopback server, {} streams with a step in flight each; a step = one query of {Q_HEADS} heads on each of {} layers over {} tokens; {chunks} chunks; best of {} rounds)",
+        a.streams, a.layers, a.tokens, a.rounds_per_layout
     );
     println!(
         "  {:<6} {:>14} {:>10} {:>13} {:>9} {:>9} {:>8} {:>9} {:>13}",
@@ -477,9 +503,13 @@ pub async fn run(a: BenchAttendArgs) -> anyhow::Result<()> {
         ),
         None => println!("  (no /proc: CPU used by other processes unknown)"),
     }
-    for i in 0..layouts.len() {
-        conn.close(i as u64 + 1).await?;
+    for c in conns.iter_mut() {
+        for i in 0..layouts.len() {
+            c.close(i as u64 + 1).await?;
+        }
     }
+    conns.truncate(1);
+    let mut conn = conns.pop().context("no stream")?;
 
     // Wire against KV, Llama-3-8B at 32k tokens, all 32 layers of one decode step.
     let ctx = 32_768u64;
