@@ -40,17 +40,22 @@ pub fn compile_all(arch: &str) -> Result<Vec<(&'static str, String)>, KernelErro
         .collect()
 }
 
-/// The PTX of `decode.cu` for `arch`, compiled on first use and cached for the process.
-pub(crate) fn decode_ptx(arch: &str) -> Result<Ptx, KernelError> {
-    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+/// The PTX of source `name` (one of [`SOURCES`]) for `arch`, compiled on first use and
+/// cached for the process.
+pub(crate) fn ptx(name: &str, arch: &str) -> Result<Ptx, KernelError> {
+    static CACHE: OnceLock<Mutex<HashMap<(String, String), String>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(src) = cache.get(arch) {
+    let key = (name.to_string(), arch.to_string());
+    if let Some(src) = cache.get(&key) {
         return Ok(Ptx::from_src(src.clone()));
     }
-    let (name, src) = SOURCES[0];
+    let &(name, src) = SOURCES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| KernelError::Compile(format!("no kernel source named {name}")))?;
     let ptx = compile(name, src, arch)?.to_src();
-    cache.insert(arch.to_string(), ptx.clone());
+    cache.insert(key, ptx.clone());
     Ok(Ptx::from_src(ptx))
 }
 
@@ -71,10 +76,10 @@ mod tests {
             eprintln!("skipped: libnvrtc not found");
             return;
         }
-        for arch in ["sm_90", "compute_80"] {
-            let ptx = compile_all(arch).unwrap();
-            for (name, text) in ptx {
-                for entry in [
+        let entries: &[(&str, &[&str])] = &[
+            (
+                "decode.cu",
+                &[
                     "rans_build_tables",
                     "rans_decode_f16",
                     "rans_decode_bf16",
@@ -83,7 +88,27 @@ mod tests {
                     "cachegen_decode",
                     "scatter_rows",
                     "exact_rows",
-                ] {
+                ],
+            ),
+            (
+                "attend.cu",
+                &[
+                    "attend_partials_1_1",
+                    "attend_partials_1_32",
+                    "attend_partials_2_8",
+                    "attend_partials_4_4",
+                    "attend_partials_4_8",
+                    "attend_partials_4_16",
+                    "attend_combine",
+                ],
+            ),
+        ];
+        for arch in ["sm_90", "compute_80"] {
+            let ptx = compile_all(arch).unwrap();
+            assert_eq!(ptx.len(), entries.len());
+            for ((name, text), (want, names)) in ptx.iter().zip(entries) {
+                assert_eq!(name, want);
+                for entry in *names {
                     assert!(
                         text.contains(&format!(".entry {entry}")),
                         "{name} for {arch} lacks {entry}"

@@ -11,7 +11,7 @@ use cudarc::driver::{
 use kvault_codec::plan::{DecodePlan, NOT_PREDICTED, as_bytes};
 use rayon::prelude::*;
 
-use crate::compile::decode_ptx;
+use crate::compile::ptx;
 use crate::{KernelError, OutDtype, OutLayout};
 
 fn cuda(e: DriverError) -> KernelError {
@@ -20,7 +20,7 @@ fn cuda(e: DriverError) -> KernelError {
 
 /// Finds the driver and a device, or says why not (never panics: cudarc's dynamic loading
 /// would panic on first use without `libcuda`).
-fn driver_ready(ordinal: usize) -> Result<(), KernelError> {
+pub(crate) fn driver_ready(ordinal: usize) -> Result<(), KernelError> {
     // SAFETY: only probes whether the shared library loads.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(KernelError::NoGpu("libcuda not found (no NVIDIA driver)".into()));
@@ -125,7 +125,7 @@ impl GpuDecoder {
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability().map_err(cuda)?;
         let arch = format!("sm_{major}{minor}");
-        let module = ctx.load_module(decode_ptx(&arch)?).map_err(cuda)?;
+        let module = ctx.load_module(ptx("decode.cu", &arch)?).map_err(cuda)?;
         let f = |n: &str| module.load_function(n).map_err(cuda);
         let k = Kernels {
             build_tables: f("rans_build_tables")?,

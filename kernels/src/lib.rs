@@ -7,6 +7,9 @@
 //! run streams. Outputs are bit for bit the CPU decoder's (every float operation in the
 //! kernels names its rounding).
 //!
+//! [`attend`] is the GPU attention worker: decode attention over an f16 cache in device
+//! memory (the decoder's canonical output), with the server's `Attend` contract.
+//!
 //! Without the `cuda` feature, or without a driver and device at run time, every entry
 //! point answers [`KernelError::NoGpu`] instead of panicking.
 
@@ -15,6 +18,7 @@
 use kvault_codec::CodecError;
 use thiserror::Error;
 
+pub mod attend;
 mod layout;
 pub mod synthetic;
 
@@ -27,6 +31,8 @@ mod emulate;
 
 pub use layout::{OutDtype, OutLayout};
 
+#[cfg(feature = "cuda")]
+pub use attend::{GpuAttention, GpuKv};
 #[cfg(feature = "cuda")]
 pub use compile::{compile_all, nvrtc_available};
 #[cfg(feature = "cuda")]
@@ -44,7 +50,10 @@ pub const GPU_PROFILES: &[kvault_codec::Profile] = &[
 ];
 
 /// The CUDA C sources, by name, as NVRTC compiles them.
-pub const SOURCES: &[(&str, &str)] = &[("decode.cu", include_str!("../cu/decode.cu"))];
+pub const SOURCES: &[(&str, &str)] = &[
+    ("decode.cu", include_str!("../cu/decode.cu")),
+    ("attend.cu", include_str!("../cu/attend.cu")),
+];
 
 /// Why a GPU operation could not run or did not succeed.
 #[derive(Debug, Error)]
@@ -67,6 +76,9 @@ pub enum KernelError {
     /// The output buffers do not fit the plan.
     #[error("output does not fit: {0}")]
     Layout(String),
+    /// An attention query or KV shape the GPU worker cannot take.
+    #[error("bad attention query: {0}")]
+    Query(String),
 }
 
 /// Whether this build can use a GPU at all (the `cuda` feature).
