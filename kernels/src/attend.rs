@@ -12,6 +12,8 @@
 //! each KV byte of a piece is read once for all the query heads of its GQA group (up to
 //! four per pass: groups of more heads take several passes).
 
+use half::f16;
+
 use crate::KernelError;
 
 /// Largest head dimension the kernels take (32 lanes of 16 channels).
@@ -115,6 +117,44 @@ pub fn check_queries(dims: &KvDims, q_heads: usize, queries: &[AttendQuery<'_>])
     Ok(())
 }
 
+/// Attention in f64 over a host cache (canonical layout) for one query: `(o, lse)` per
+/// query head, as the kernels are checked against (tests and benchmark).
+pub fn reference(kv: &[f16], dims: KvDims, q_heads: usize, q: &AttendQuery<'_>) -> (Vec<f64>, Vec<f64>) {
+    let (d, kvh, t) = (dims.head_dim, dims.kv_heads, dims.tokens);
+    let g = q_heads / kvh;
+    let row =
+        |slot: usize, tok: usize, h: usize| &kv[(((q.layer * 2 + slot) * t + tok) * kvh + h) * d..][..d];
+    let mut o = vec![0f64; q_heads * d];
+    let mut lse = vec![f64::NEG_INFINITY; q_heads];
+    for qh in 0..q_heads {
+        let h = qh / g;
+        let qv = &q.q[qh * d..(qh + 1) * d];
+        let s: Vec<f64> = (q.start..q.end)
+            .map(|tok| {
+                let dot: f64 = qv
+                    .iter()
+                    .zip(row(0, tok, h))
+                    .map(|(a, b)| *a as f64 * b.to_f64())
+                    .sum();
+                q.scale as f64 * dot
+            })
+            .collect();
+        if s.is_empty() {
+            continue;
+        }
+        let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let l: f64 = w.iter().sum();
+        for (wi, tok) in w.iter().zip(q.start..q.end) {
+            for (acc, v) in o[qh * d..(qh + 1) * d].iter_mut().zip(row(1, tok, h)) {
+                *acc += wi / l * v.to_f64();
+            }
+        }
+        lse[qh] = m + l.ln();
+    }
+    (o, lse)
+}
+
 /// Query heads of a group that one pass of the kernel takes.
 #[cfg(any(feature = "cuda", test))]
 fn pass_heads(group: usize) -> usize {
@@ -156,17 +196,15 @@ mod gpu {
     use std::sync::{Arc, Mutex};
 
     use cudarc::driver::{
-        CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, LaunchConfig,
-        PushKernelArg, sys,
+        CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+        PushKernelArg, ValidAsZeroBits, sys,
     };
-    use half::f16;
+    use half::slice::HalfFloatSliceExt;
+    use kvault_codec::plan::as_bytes;
 
     use super::*;
     use crate::compile::ptx;
-
-    fn cuda(e: DriverError) -> KernelError {
-        KernelError::Cuda(e.to_string())
-    }
+    use crate::decoder::cuda;
 
     /// A KV cache in device memory, canonical layout, f16.
     pub struct GpuKv {
@@ -190,7 +228,7 @@ mod gpu {
     pub struct GpuAttention {
         stream: Arc<CudaStream>,
         /// `attend_partials_{GT}_{LPT}`: one pass over GT = 1, 2 or 4 query heads of a
-        /// group, LPT = 1, 2, ... 32 lanes per token row (by [`LANES`] index).
+        /// group, LPT = 1, 2, ... 32 lanes per token row; `[log2 GT][log2 LPT]`.
         partials: [[CudaFunction; 6]; 3],
         combine: CudaFunction,
         _module: Arc<CudaModule>,
@@ -209,17 +247,22 @@ mod gpu {
         last_ms: Option<f32>,
     }
 
-    /// `slot` holding at least `n` values.
-    fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    /// `slot`'s buffer, grown to hold at least `n` values.
+    fn grow<'a, T: DeviceRepr + ValidAsZeroBits>(
         s: &Arc<CudaStream>,
-        slot: &mut Option<CudaSlice<T>>,
+        slot: &'a mut Option<CudaSlice<T>>,
         n: usize,
-    ) -> Result<(), KernelError> {
-        if slot.as_ref().is_none_or(|b| b.len() < n) {
-            *slot = None;
-            *slot = Some(s.alloc_zeros(n.max(1)).map_err(cuda)?);
+    ) -> Result<&'a mut CudaSlice<T>, KernelError> {
+        match slot {
+            Some(b) if b.len() >= n => {}
+            _ => {
+                // The old buffer goes first: the new one may need its memory.
+                *slot = None;
+                *slot = Some(s.alloc_zeros(n.max(1)).map_err(cuda)?);
+            }
         }
-        Ok(())
+        slot.as_mut()
+            .ok_or_else(|| KernelError::Cuda("attention scratch buffer missing".into()))
     }
 
     impl GpuAttention {
@@ -275,8 +318,10 @@ mod gpu {
                     dims.elements()
                 )));
             }
-            let bytes: Vec<u8> = kv.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let buf = self.stream.clone_htod(&bytes).map_err(cuda)?;
+            let buf = self
+                .stream
+                .clone_htod(as_bytes::<u16>(kv.reinterpret_cast()))
+                .map_err(cuda)?;
             Ok(GpuKv { dims, buf })
         }
 
@@ -329,28 +374,19 @@ mod gpu {
             let s = &self.stream;
             let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
             let sc = &mut *guard;
-            grow(s, &mut sc.q, qv.len())?;
-            grow(s, &mut sc.meta, meta.len())?;
+            let qd = grow(s, &mut sc.q, qv.len())?;
+            let md = grow(s, &mut sc.meta, meta.len())?;
             // Every slot of the pieces is written by the kernel before the merge reads it.
-            grow(s, &mut sc.part, nq * q_heads * np * (2 + d))?;
-            grow(s, &mut sc.o, nq * q_heads * d)?;
-            grow(s, &mut sc.lse, nq * q_heads)?;
-            let missing = || KernelError::Cuda("attention scratch buffer missing".into());
-            let (Some(qd), Some(md), Some(part), Some(o), Some(lse)) =
-                (&mut sc.q, &mut sc.meta, &mut sc.part, &mut sc.o, &mut sc.lse)
-            else {
-                return Err(missing());
-            };
+            let part = grow(s, &mut sc.part, nq * q_heads * np * (2 + d))?;
+            let o = grow(s, &mut sc.o, nq * q_heads * d)?;
+            let lse = grow(s, &mut sc.lse, nq * q_heads)?;
             s.memcpy_htod(&qv, &mut qd.slice_mut(..qv.len())).map_err(cuda)?;
             s.memcpy_htod(&meta, &mut md.slice_mut(..meta.len()))
                 .map_err(cuda)?;
             let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
             let start = s.record_event(timed).map_err(cuda)?;
-            let f = &self.partials[match gt {
-                1 => 0,
-                2 => 1,
-                _ => 2,
-            }][LANES.iter().position(|&l| l == lpt).unwrap_or(LANES.len() - 1)];
+            // Both are powers of two: their logs index the table.
+            let f = &self.partials[gt.trailing_zeros() as usize][lpt.trailing_zeros() as usize];
             const WARPS: usize = 4;
             let shared = 4 * (gt * lpt * 20 + WARPS * gt * 32);
             let (tokens, kvh_i, d_i, qh_i, groups_i, np_i) = (
@@ -451,6 +487,22 @@ mod tests {
             let e = check_queries(&DIMS, heads, &qs).unwrap_err().to_string();
             assert!(e.contains(want), "{e} (wanted {want})");
         }
+    }
+
+    #[test]
+    fn reference_of_equal_keys_is_the_value_and_the_log_count() {
+        // Every key and value 0.25: each head's o is the value, lse = ln n + scale·q·k.
+        let kv = vec![f16::from_f32(0.25); DIMS.elements()];
+        let v = crate::synthetic::uniform(4 * 64, 3);
+        assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
+        let (o, lse) = reference(&kv, DIMS, 4, &q(&v, 1, 10, 60));
+        assert!(o.iter().all(|x| (x - 0.25).abs() < 1e-12));
+        for (h, l) in lse.iter().enumerate() {
+            let dot: f64 = v[h * 64..(h + 1) * 64].iter().map(|x| *x as f64 * 0.25).sum();
+            assert!((l - (50f64.ln() + 0.125 * dot)).abs() < 1e-9, "head {h}: {l}");
+        }
+        let (o, lse) = reference(&kv, DIMS, 4, &q(&v, 0, 7, 7));
+        assert!(o.iter().all(|x| *x == 0.0) && lse.iter().all(|x| *x == f64::NEG_INFINITY));
     }
 
     #[test]

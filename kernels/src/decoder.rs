@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::compile::ptx;
 use crate::{KernelError, OutDtype, OutLayout};
 
-fn cuda(e: DriverError) -> KernelError {
+pub(crate) fn cuda(e: DriverError) -> KernelError {
     KernelError::Cuda(e.to_string())
 }
 

@@ -61,6 +61,22 @@ pub fn kv_like(shape: KvShape, seed: u64) -> KvTensor {
     KvTensor::new(shape, Dtype::F16, data).unwrap_or_else(|e| panic!("synthetic shape {shape:?}: {e}"))
 }
 
+/// `n` deterministic values in [-1, 1) from `seed` (queries and plain caches for the
+/// attention tests and benchmark), computed in parallel.
+pub fn uniform(n: usize, seed: u64) -> Vec<f32> {
+    (0..n)
+        .into_par_iter()
+        .map(|i| {
+            // splitmix64 of (seed, i): every element on its own, so any split agrees.
+            let mut x = (i as u64 ^ seed.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            x ^= x >> 29;
+            x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x ^= x >> 32;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
 /// `t` (f16, canonical layout) cut along its tokens into chunks of `tokens` (the last one
 /// shorter), as a store would hold a long prefix.
 pub fn split(t: &KvTensor, tokens: u32) -> Vec<KvTensor> {

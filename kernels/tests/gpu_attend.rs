@@ -8,9 +8,9 @@
 
 use half::f16;
 use kvault_codec::{KvShape, Profile};
-use kvault_kernels::attend::{AttendQuery, KvDims, Partial};
+use kvault_kernels::attend::{AttendQuery, KvDims, Partial, reference};
 use kvault_kernels::cudarc::driver::CudaSlice;
-use kvault_kernels::synthetic::{kv_like, split};
+use kvault_kernels::synthetic::{kv_like, split, uniform};
 use kvault_kernels::{GpuAttention, GpuDecoder, KernelError, OutDtype, Target};
 
 fn gpu<T>(r: Result<T, KernelError>) -> Option<T> {
@@ -24,55 +24,9 @@ fn gpu<T>(r: Result<T, KernelError>) -> Option<T> {
     }
 }
 
-/// Deterministic values in [-1, 1).
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
-/// Attention in f64 over the canonical cache `kv` for one query: (o, lse) per head.
-fn reference(kv: &[f32], dims: KvDims, q_heads: usize, q: &AttendQuery<'_>) -> (Vec<f64>, Vec<f64>) {
-    let (d, kvh, t) = (dims.head_dim, dims.kv_heads, dims.tokens);
-    let g = q_heads / kvh;
-    let at = |slot: usize, tok: usize, h: usize| ((q.layer * 2 + slot) * t + tok) * kvh * d + h * d;
-    let mut o = vec![0f64; q_heads * d];
-    let mut lse = vec![f64::NEG_INFINITY; q_heads];
-    for qh in 0..q_heads {
-        let h = qh / g;
-        let qv = &q.q[qh * d..(qh + 1) * d];
-        let s: Vec<f64> = (q.start..q.end)
-            .map(|tok| {
-                let k = &kv[at(0, tok, h)..][..d];
-                q.scale as f64 * qv.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
-            })
-            .collect();
-        if s.is_empty() {
-            continue;
-        }
-        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-        let l: f64 = w.iter().sum();
-        for (i, tok) in (q.start..q.end).enumerate() {
-            let v = &kv[at(1, tok, h)..][..d];
-            for c in 0..d {
-                o[qh * d + c] += w[i] / l * v[c] as f64;
-            }
-        }
-        lse[qh] = m + l.ln();
-    }
-    (o, lse)
-}
-
 /// Checks every query's partial against the f64 reference; returns the largest errors.
 fn check(
-    kv: &[f32],
+    kv: &[f16],
     dims: KvDims,
     q_heads: usize,
     qs: &[AttendQuery<'_>],
@@ -144,13 +98,12 @@ fn gpu_attention_matches_f64_attention() {
             head_dim: d,
             tokens,
         };
-        let kv16: Vec<f16> = noise(dims.elements(), d as u64 + tokens as u64)
+        let kv: Vec<f16> = uniform(dims.elements(), d as u64 + tokens as u64)
             .into_iter()
             .map(f16::from_f32)
             .collect();
-        let kv: Vec<f32> = kv16.iter().map(|x| x.to_f32()).collect();
-        let dev = att.upload(dims, &kv16).unwrap();
-        let qv: Vec<Vec<f32>> = (0..8).map(|i| noise(qh * d, 1000 + i)).collect();
+        let dev = att.upload(dims, &kv).unwrap();
+        let qv: Vec<Vec<f32>> = (0..8).map(|i| uniform(qh * d, 1000 + i)).collect();
         let qs: Vec<AttendQuery<'_>> = ranges(tokens)
             .into_iter()
             .zip(&qv)
@@ -207,12 +160,12 @@ fn gpu_decoded_chunks_are_attended_where_they_land() {
         .unwrap();
     // The reference reads what the GPU decoded (bit for bit the CPU decoder's, gpu_parity).
     let host = dec.stream().clone_dtoh(&out).unwrap();
-    let kv: Vec<f32> = host
+    let kv: Vec<f16> = host
         .chunks_exact(2)
-        .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+        .map(|b| f16::from_le_bytes([b[0], b[1]]))
         .collect();
     let dev = att.from_canonical(dims, out).unwrap();
-    let qv: Vec<Vec<f32>> = (0..8).map(|i| noise(9 * 64, 50 + i)).collect();
+    let qv: Vec<Vec<f32>> = (0..8).map(|i| uniform(9 * 64, 50 + i)).collect();
     let qs: Vec<AttendQuery<'_>> = ranges(700)
         .into_iter()
         .zip(&qv)
@@ -241,6 +194,11 @@ fn bad_queries_and_shapes_are_refused_on_the_gpu_path() {
     };
     let kv = vec![f16::from_f32(0.25); dims.elements()];
     assert!(matches!(att.upload(dims, &kv[1..]), Err(KernelError::Layout(_))));
+    let short: CudaSlice<u8> = att.stream().alloc_zeros(kv.len() * 2 - 2).unwrap();
+    assert!(matches!(
+        att.from_canonical(dims, short),
+        Err(KernelError::Layout(_))
+    ));
     let dev = att.upload(dims, &kv).unwrap();
     let mut q = vec![0.5f32; 4 * 64];
     let good = |q: &[f32]| -> Vec<Partial> {

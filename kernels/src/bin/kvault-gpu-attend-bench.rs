@@ -13,8 +13,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use half::f16;
 use kvault_kernels::GpuAttention;
-use kvault_kernels::attend::{AttendQuery, KvDims};
+use kvault_kernels::attend::{AttendQuery, KvDims, Partial, reference};
 use kvault_kernels::cudarc::driver::CudaSlice;
+use kvault_kernels::synthetic::uniform;
 use rayon::prelude::*;
 
 fn args() -> Result<(usize, usize)> {
@@ -34,58 +35,16 @@ fn args() -> Result<(usize, usize)> {
     Ok((tokens, iters))
 }
 
-/// Deterministic values in [-1, 1).
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    (0..n)
-        .into_par_iter()
-        .map(|i| {
-            let mut x = (i as u64 ^ seed.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            x ^= x >> 29;
-            x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            x ^= x >> 32;
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
-/// Largest |o| and |lse| error of query `q` (layer 0) against f64 attention on the host.
-fn error(
-    kv: &[f16],
-    dims: KvDims,
-    q_heads: usize,
-    q: &[f32],
-    scale: f32,
-    o: &[f32],
-    lse: &[f32],
-) -> (f64, f64) {
-    let (d, kvh, t) = (dims.head_dim, dims.kv_heads, dims.tokens);
-    let g = q_heads / kvh;
-    (0..q_heads)
-        .into_par_iter()
-        .map(|qh| {
-            let h = qh / g;
-            let qv = &q[qh * d..(qh + 1) * d];
-            let row = |slot: usize, tok: usize| &kv[((slot * t + tok) * kvh + h) * d..][..d];
-            let s: Vec<f64> = (0..t)
-                .map(|tok| {
-                    scale as f64
-                        * qv.iter()
-                            .zip(row(0, tok))
-                            .map(|(a, b)| *a as f64 * b.to_f64())
-                            .sum::<f64>()
-                })
-                .collect();
-            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let l: f64 = w.iter().sum();
-            let mut eo = 0f64;
-            for c in 0..d {
-                let want: f64 = (0..t).map(|tok| w[tok] * row(1, tok)[c].to_f64()).sum::<f64>() / l;
-                eo = eo.max((o[qh * d + c] as f64 - want).abs());
-            }
-            (eo, (lse[qh] as f64 - (m + l.ln())).abs())
-        })
-        .reduce(|| (0.0, 0.0), |a, b| (a.0.max(b.0), a.1.max(b.1)))
+/// Largest |o| and |lse| error of `q` against attention in f64 on the host.
+fn error(kv: &[f16], dims: KvDims, q_heads: usize, q: &AttendQuery<'_>, got: &Partial) -> (f64, f64) {
+    let (o, lse) = reference(kv, dims, q_heads, q);
+    let max = |a: &[f32], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (*x as f64 - y).abs())
+            .fold(0f64, f64::max)
+    };
+    (max(&got.o, &o), max(&got.lse, &lse))
 }
 
 fn main() -> Result<()> {
@@ -114,7 +73,7 @@ fn main() -> Result<()> {
             head_dim: d,
             tokens,
         };
-        let kv: Vec<f16> = noise(dims.elements(), 7)
+        let kv: Vec<f16> = uniform(dims.elements(), 7)
             .into_par_iter()
             .map(f16::from_f32)
             .collect();
@@ -132,7 +91,7 @@ fn main() -> Result<()> {
         }
         drop((src, dst));
         let scale = 1.0 / (d as f32).sqrt();
-        let qv: Vec<Vec<f32>> = (0..layers).map(|l| noise(qh * d, 100 + l as u64)).collect();
+        let qv: Vec<Vec<f32>> = (0..layers).map(|l| uniform(qh * d, 100 + l as u64)).collect();
         let step: Vec<AttendQuery<'_>> = (0..layers)
             .map(|layer| AttendQuery {
                 layer,
@@ -143,7 +102,7 @@ fn main() -> Result<()> {
             })
             .collect();
         let first = att.attend(&dev, qh, &step)?;
-        let (eo, el) = error(&kv, dims, qh, &qv[0], scale, &first[0].o, &first[0].lse);
+        let (eo, el) = error(&kv, dims, qh, &step[0], &first[0]);
         if eo > 1e-4 || el > 1e-4 {
             bail!("{name}: GPU attention differs from f64 (o {eo:e}, lse {el:e})");
         }
