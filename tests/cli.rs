@@ -177,6 +177,20 @@ fn bad_files_give_clear_errors_and_store_nothing() {
 }
 
 #[test]
+fn bench_attend_refuses_empty_settings_before_measuring() {
+    for (flag, value) in [
+        ("--streams", "0"),
+        ("--rounds-per-layout", "0"),
+        ("--tokens", "0"),
+    ] {
+        let o = kvault(&["bench", "attend", flag, value]);
+        assert!(!o.status.success(), "{flag} {value} was taken");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("must be positive"), "{flag} {value}: {err}");
+    }
+}
+
+#[test]
 fn profiles_lists_names_first() {
     let o = kvault(&["profiles"]);
     assert!(o.status.success());
