@@ -152,7 +152,8 @@ pub struct TestSidecar {
 
 impl TestSidecar {
     /// Starts a sidecar in front of `upstreams` with extra flags; its region
-    /// file (when `--shm-bytes` is given) lives in the temporary directory.
+    /// file (when `--shm-bytes` is given) lives in the temporary directory,
+    /// and its Lookup deadline is 5 s unless `extra` sets one.
     pub fn start(upstreams: &[String], extra: &[&str]) -> TestSidecar {
         let dir = tempfile::tempdir().expect("temp dir");
         let region = dir.path().join("region");
@@ -160,6 +161,13 @@ impl TestSidecar {
         let mut args: Vec<&str> = extra.to_vec();
         if extra.contains(&"--shm-bytes") {
             args.extend(["--shm", region]);
+        }
+        // The default Lookup deadline (20 ms) is a serving budget; on two
+        // shared cores under a parallel suite an upstream answer can take
+        // longer and the lookup degrades to "not cached". Tests of that
+        // deadline set their own.
+        if !extra.contains(&"--lookup-deadline-ms") {
+            args.extend(["--lookup-deadline-ms", "5000"]);
         }
         let proc =
             kvault_client::local_server::LocalSidecar::start(upstreams, &dir.path().join("sock"), &args)

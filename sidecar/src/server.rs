@@ -62,7 +62,8 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Creates the region, connects (lazily) to the upstreams and binds the listeners.
+    /// Creates the region, opens connections to the upstreams (a start while
+    /// they are down still succeeds) and binds the listeners.
     pub async fn bind(config: Config) -> Result<Sidecar, SidecarError> {
         let metrics = Arc::new(Metrics::new());
         let membership = match &config.etcd {
@@ -85,6 +86,12 @@ impl Sidecar {
         )
         .await
         .map_err(|e| startup("upstreams", e))?;
+        // Connections are opened here, not on the first Lookup: its deadline
+        // (tens of milliseconds) would otherwise go on TCP and HTTP/2 set-up
+        // and the node would prefill what kvault holds. Bounded, so a hung
+        // upstream delays start by at most a second.
+        let warm = tokio::time::timeout(Duration::from_secs(1), upstreams.cluster().warm()).await;
+        tracing::debug!(healthy = ?warm.ok(), "upstream connections opened");
         let max_chunk = config.max_chunk_bytes.0;
         let chunks = Chunks::new(config.ram_bytes.0, max_chunk, upstreams, metrics.clone());
         let region = if config.shm_bytes.0 > 0 {

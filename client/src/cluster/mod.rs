@@ -773,6 +773,27 @@ impl Cluster {
         Ok((clients, shards))
     }
 
+    /// Opens the connection to every current node (a health call each, in
+    /// parallel) so the first request a caller times tightly does not pay
+    /// TCP and HTTP/2 set-up. Returns how many nodes answered healthy.
+    pub async fn warm(&self) -> usize {
+        let routes = self.routes();
+        let deadline = self.deadline().min(Duration::from_secs(5));
+        let calls = routes.members().iter().map(|m| {
+            let node = self.node(&routes, &m.id);
+            async move {
+                let Ok(n) = node else { return false };
+                let h = self
+                    .inner
+                    .pool
+                    .call(&n, "health", None, deadline, |c| async move { c.health().await })
+                    .await;
+                matches!(h, Ok(true))
+            }
+        });
+        join_all(calls).await.into_iter().filter(|&up| up).count()
+    }
+
     /// Every current node's weight, share, health and counters, asked in parallel.
     pub async fn node_stats(&self) -> Vec<NodeStat> {
         let routes = self.routes();
