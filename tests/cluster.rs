@@ -311,9 +311,22 @@ async fn a_killed_server_becomes_misses_and_a_restarted_one_converges_with_nothi
     // Start it again (same address, empty RAM): it rejoins, ramps up, and keys
     // written while it was gone that it now owns are read from their previous
     // owner and copied forward to it.
+    let health_ok =
+        format!("kvault_cluster_calls_total{{node=\"{victim_url}\",op=\"health\",outcome=\"ok\"}}");
+    let warmed_before = metric(&c, &health_ok);
     nodes[1].restart_at(victim_addr);
     // Same data directory, same id: a rejoin, so its weight starts low and ramps.
     wait_nodes(&c, 3).await;
+    // Its connection is opened when it joins (a health call), not inside the
+    // deadline of the first request routed to it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(&c, &health_ok) <= warmed_before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no connection opened to the rejoined node"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let share = |r: &kvault_client::cluster::Routes| {
         r.shares()
             .into_iter()

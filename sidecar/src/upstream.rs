@@ -1,7 +1,8 @@
 //! The upstream servers, as a cluster handle of the client library: the
 //! node set is a static list or follows etcd, keys are placed by the same
-//! rendezvous hashing every client uses, and each node has a lazy
-//! connection and a circuit breaker ([`kvault_client::cluster`]).
+//! rendezvous hashing every client uses, and each node has a connection
+//! (opened when the sidecar starts or the node joins, re-opened on demand)
+//! and a circuit breaker ([`kvault_client::cluster`]).
 //!
 //! Every call carries its own deadline and goes through the node's breaker:
 //! a down upstream costs a failed admission (microseconds), not a connect

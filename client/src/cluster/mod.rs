@@ -894,9 +894,10 @@ async fn follow(inner: std::sync::Weak<Inner>, mut rx: watch::Receiver<View>, st
         }
         let now_ms = now_unix_ms();
         let (members, next_ramp) = ramped(&view.members, now_ms, steps);
-        {
+        let changed = {
             let mut g = me.routes.write().unwrap_or_else(|p| p.into_inner());
-            if !g.same(&members, &view.members.replicas) {
+            let changed = !g.same(&members, &view.members.replicas);
+            if changed {
                 tracing::info!(
                     nodes = members.len(),
                     stale = view.stale.is_some(),
@@ -910,6 +911,17 @@ async fn follow(inner: std::sync::Weak<Inner>, mut rx: watch::Receiver<View>, st
                 m.membership_changes.inc();
                 me.changes.send_modify(|c| *c += 1);
             }
+            changed
+        };
+        if changed {
+            // A joining node's connection is opened now, not inside the
+            // deadline of the first request routed to it.
+            let c = Cluster {
+                inner: me.clone(),
+                tenant: None,
+                deadline: None,
+            };
+            tokio::spawn(async move { c.warm().await });
         }
         drop(me);
         let wait = next_ramp.map(|t| Duration::from_millis(t.saturating_sub(now_ms).max(1)));

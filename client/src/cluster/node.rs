@@ -126,9 +126,10 @@ impl Default for NodeSettings {
     }
 }
 
-/// Connections to every node seen, by node id. Nodes are connected lazily,
-/// and kept after they leave the node set (reads of moved keys may still
-/// go to them during the grace period).
+/// Connections to every node seen, by node id. Nodes are connected lazily
+/// (`Cluster::warm` opens them ahead; an etcd-following handle does so for
+/// nodes that join), and kept after they leave the node set (reads of moved
+/// keys may still go to them during the grace period).
 pub(crate) struct NodePool {
     settings: NodeSettings,
     nodes: Mutex<HashMap<String, Arc<NodeConn>>>,
