@@ -274,12 +274,14 @@ async fn upstream_down_local_hits_served_misses_fast_then_recovery() {
     // Both upstream connections were opened at start, before any Lookup
     // (whose deadline must not go on connection set-up).
     let text = scrape(metrics).await;
-    let warmed = text
-        .lines()
-        .filter(|l| l.starts_with("kvault_sidecar_upstream_calls_total{"))
-        .filter(|l| l.contains(r#"op="health""#) && l.contains(r#"outcome="ok""#))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
+    let warmed: f64 = urls
+        .iter()
+        .map(|u| {
+            let name =
+                format!(r#"kvault_sidecar_upstream_calls_total{{node="{u}",op="health",outcome="ok"}}"#);
+            metric_sum(&text, &name)
+        })
+        .sum();
     assert_eq!(warmed, 2.0, "{text}");
     let c = sc.client().await;
     let layout = smol_layout("sidecar-down", Dtype::F16, 64);

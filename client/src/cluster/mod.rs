@@ -783,15 +783,24 @@ impl Cluster {
             let node = self.node(&routes, &m.id);
             async move {
                 let Ok(n) = node else { return false };
-                let h = self
-                    .inner
-                    .pool
-                    .call(&n, "health", None, deadline, |c| async move { c.health().await })
-                    .await;
-                matches!(h, Ok(true))
+                matches!(self.health(&n, deadline).await, Ok(true))
             }
         });
         join_all(calls).await.into_iter().filter(|&up| up).count()
+    }
+
+    /// One health call to `node`, through its breaker.
+    async fn health(&self, node: &NodeConn, deadline: Duration) -> std::result::Result<bool, NodeError> {
+        self.inner
+            .pool
+            .call(
+                node,
+                "health",
+                None,
+                deadline,
+                |c| async move { c.health().await },
+            )
+            .await
     }
 
     /// Every current node's weight, share, health and counters, asked in parallel.
@@ -806,11 +815,7 @@ impl Cluster {
                 let (healthy, stat) = match node {
                     Err(e) => (false, Err(e.to_string())),
                     Ok(n) => {
-                        let h = self
-                            .inner
-                            .pool
-                            .call(&n, "health", None, deadline, |c| async move { c.health().await })
-                            .await;
+                        let h = self.health(&n, deadline).await;
                         let s = self
                             .inner
                             .pool
@@ -915,7 +920,9 @@ async fn follow(inner: std::sync::Weak<Inner>, mut rx: watch::Receiver<View>, st
         };
         if changed {
             // A joining node's connection is opened now, not inside the
-            // deadline of the first request routed to it.
+            // deadline of the first request routed to it. Every member is
+            // asked, not only new ones: a rejoining node's breaker may still
+            // be open from its outage, and a later step of its ramp probes it.
             let c = Cluster {
                 inner: me.clone(),
                 tenant: None,
